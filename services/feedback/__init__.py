@@ -1,0 +1,1 @@
+"""The feedback ingestion service: gRPC server, stores, auth and the Python client."""

@@ -1,0 +1,186 @@
+"""The `hitl` command.
+
+    hitl feedback serve [--store URL] [--port N] [--tokens FILE] [--tls-cert C --tls-key K [--tls-client-ca CA]]
+    hitl feedback submit FILE.jsonl [--server ADDR] [--token T] [--stream]
+    hitl feedback tasks load FILE.jsonl [--store URL]
+    hitl feedback export --format hh-rlhf|jsonl [--store URL] [--project P] [--output FILE]
+    hitl feedback stats [--server ADDR] [--token T] [--project P]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from services.feedback.config import DEFAULT_STORE, ConfigError, build_config
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """hitl: human-in-the-loop RLHF on Ray."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.group()
+def feedback() -> None:
+    """The feedback ingestion service and its data."""
+
+
+def _client_options(fn):
+    fn = click.option("--server", "server", default="127.0.0.1:50051", show_default=True, help="Service address.")(fn)
+    fn = click.option("--token", envvar="HITL_TOKEN", default=None, help="Bearer token (or $HITL_TOKEN).")(fn)
+    fn = click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA bundle: connect with TLS.")(fn)
+    fn = click.option("--tls-cert", "client_cert", type=click.Path(exists=True, dir_okay=False), default=None, help="Client certificate (mutual TLS).")(fn)
+    fn = click.option("--tls-key", "client_key", type=click.Path(exists=True, dir_okay=False), default=None, help="Client key (mutual TLS).")(fn)
+    return fn
+
+
+def _client(server: str, token: str | None, tls_ca: str | None, client_cert: str | None, client_key: str | None):
+    from services.feedback.client import FeedbackClient
+
+    if (client_cert is None) != (client_key is None):
+        _fail("--tls-cert and --tls-key must be given together")
+    return FeedbackClient(server, token, root_certificates=tls_ca, client_cert=client_cert, client_key=client_key)
+
+
+@feedback.command()
+@click.option("--store", default=None, help=f"Store URL (default {DEFAULT_STORE}).")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks one).")
+@click.option("--tokens", "tokens_file", default=None, help="Tokens file (YAML); without it every call is allowed.")
+@click.option("--tls-cert", default=None, help="Server certificate (PEM).")
+@click.option("--tls-key", default=None, help="Server private key (PEM).")
+@click.option("--tls-client-ca", default=None, help="CA for client certificates: turns on mutual TLS.")
+@click.option("--reflection", is_flag=True, default=None, help="Serve gRPC reflection.")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one).")
+@click.option("--no-metrics", is_flag=True, help="Do not serve metrics.")
+@click.option("--ready-file", type=click.Path(dir_okay=False), default=None, help="Write the bound port here once serving.")
+def serve(no_metrics: bool, ready_file: str | None, **options) -> None:
+    """Run the feedback gRPC service until SIGINT/SIGTERM."""
+    from services.feedback.auth import TokensFileError
+    from services.feedback.server import serve_forever
+
+    try:
+        cfg = build_config(options)
+        if no_metrics:
+            cfg = cfg.model_copy(update={"metrics_port": None})
+        asyncio.run(serve_forever(cfg, Path(ready_file) if ready_file else None))
+    except (ConfigError, TokensFileError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@feedback.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@_client_options
+@click.option("--stream/--unary", default=True, show_default=True, help="StreamFeedback (resumable) or SubmitFeedback calls.")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=200, show_default=True)
+def submit(path: str, server: str, token: str | None, tls_ca, client_cert, client_key, stream: bool, batch_size: int) -> None:
+    """Submit records from a JSONL file (one FeedbackRecord in proto3 JSON per line)."""
+    from hitl.feedback.v1 import feedback_pb2 as pb
+    from services.feedback.client import FeedbackClientError, results_summary
+    from services.feedback.jsonl import JsonlError, read_records
+
+    try:
+        records = list(read_records(Path(path)))
+    except JsonlError as err:
+        _fail(str(err))
+    with _client(server, token, tls_ca, client_cert, client_key) as client:
+        client.batch_size = batch_size
+        try:
+            results = client.stream(records).results if stream else client.submit(records)
+        except FeedbackClientError as err:
+            _fail(str(err))
+    for line, result in enumerate(results, start=1):
+        if result.status == pb.RecordResult.STATUS_REJECTED:
+            click.echo(f"{path}:{line}: rejected {result.feedback_id!r}: {result.field}: {result.reason}", err=True)
+    summary = results_summary(results)
+    click.echo(json.dumps(summary))
+    if summary["rejected"]:
+        sys.exit(1)
+
+
+@feedback.group()
+def tasks() -> None:
+    """Labeling tasks."""
+
+
+@tasks.command("load")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URL.")
+def tasks_load(path: str, store: str) -> None:
+    """Publish tasks from a JSONL file (one LabelingTask in proto3 JSON per line)."""
+    from services.feedback.jsonl import JsonlError, read_tasks
+    from services.feedback.store import open_store
+
+    try:
+        loaded = list(read_tasks(Path(path)))
+    except JsonlError as err:
+        _fail(str(err))
+    db = open_store(store)
+    try:
+        outcomes = db.add_tasks(loaded)
+    finally:
+        db.close()
+    created = sum(o.created for o in outcomes)
+    rejected = [(i, o.rejection) for i, o in enumerate(outcomes, start=1) if o.rejection]
+    for line, rejection in rejected:
+        click.echo(f"{path}: task {line}: {rejection.field}: {rejection.reason}", err=True)
+    click.echo(json.dumps({"created": created, "existing": len(loaded) - created - len(rejected), "rejected": len(rejected)}))
+    if rejected:
+        sys.exit(1)
+
+
+@feedback.command()
+@click.option("--format", "fmt", type=click.Choice(["hh-rlhf", "jsonl"]), required=True)
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URL.")
+@click.option("--project", "projects", multiple=True, help="Only these projects (repeatable).")
+@click.option("--after", type=int, default=0, show_default=True, help="Only records with seq above this watermark.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default="-", help="Output file (default stdout).")
+def export(fmt: str, store: str, projects: tuple[str, ...], after: int, output: str) -> None:
+    """Export chosen/rejected pairs (hh-rlhf) or raw records (jsonl)."""
+    from services.feedback.export import export_lines
+    from services.feedback.jsonl import write_lines
+    from services.feedback.store import open_store
+
+    db = open_store(store)
+    try:
+        with click.open_file(output, "w", encoding="utf-8") as out:
+            n = write_lines(export_lines(db, fmt, list(projects) or None, after), out)
+    finally:
+        db.close()
+    click.echo(f"wrote {n} lines", err=True)
+
+
+@feedback.command()
+@_client_options
+@click.option("--project", default="", help="One project (default: every project in scope).")
+def stats(server: str, token: str | None, tls_ca, client_cert, client_key, project: str) -> None:
+    """Print record counts and the watermark as JSON."""
+    from google.protobuf import json_format
+
+    from services.feedback.client import FeedbackClientError
+
+    with _client(server, token, tls_ca, client_cert, client_key) as client:
+        try:
+            reply = client.stats(project)
+        except FeedbackClientError as err:
+            _fail(str(err))
+    click.echo(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Bearer-token authentication with per-project scopes.
+
+The tokens file (YAML):
+
+    tokens:
+      - name: label-studio          # shows up in logs
+        token: "s3cret"             # or sha256: "<hex digest of the token>"
+        projects: ["chat-helpfulness", "chat-safety"]   # or ["*"] for every project
+
+Calls carry `authorization: Bearer <token>` in their metadata. Tokens are
+compared by their SHA-256 digest, so the file may hold digests only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import yaml
+
+
+class TokensFileError(ValueError):
+    """The tokens file is malformed; the message names the entry and field."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, and which projects they may touch."""
+
+    name: str
+    projects: frozenset[str]
+    all_projects: bool = False
+
+    def allows(self, project: str) -> bool:
+        return self.all_projects or project in self.projects
+
+    def first_denied(self, projects: Iterable[str]) -> str | None:
+        for project in projects:
+            if not self.allows(project):
+                return project
+        return None
+
+    def scope(self) -> list[str] | None:
+        """The projects in scope, or None for every project."""
+        return None if self.all_projects else sorted(self.projects)
+
+
+ANONYMOUS = Principal("anonymous", frozenset(), all_projects=True)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenAuth:
+    """Maps presented bearer tokens to principals."""
+
+    def __init__(self, principals_by_digest: dict[str, Principal]):
+        self._by_digest = principals_by_digest
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TokenAuth":
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise TokensFileError(f"tokens file {path}: {err}") from None
+        entries = raw.get("tokens") if isinstance(raw, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise TokensFileError(f"tokens file {path}: expected a non-empty list under 'tokens'")
+        return cls(_parse_entries(entries, str(path)))
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal | None:
+        """The principal for the call's bearer token, or None."""
+        for key, value in metadata or ():
+            if key.lower() != "authorization":
+                continue
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return None
+            return self._by_digest.get(_digest(token.strip()))
+        return None
+
+
+def _parse_entries(entries: list, path: str) -> dict[str, Principal]:
+    principals: dict[str, Principal] = {}
+    for i, entry in enumerate(entries):
+        where = f"tokens file {path}: tokens[{i}]"
+        if not isinstance(entry, dict):
+            raise TokensFileError(f"{where}: expected a mapping")
+        unknown = set(entry) - {"name", "token", "sha256", "projects"}
+        if unknown:
+            raise TokensFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        name = entry.get("name") or f"token-{i}"
+        if ("token" in entry) == ("sha256" in entry):
+            raise TokensFileError(f"{where}.token: give exactly one of 'token' or 'sha256'")
+        digest = _digest(str(entry["token"])) if "token" in entry else str(entry["sha256"]).lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise TokensFileError(f"{where}.sha256: expected 64 hex digits")
+        projects = entry.get("projects")
+        if not isinstance(projects, list) or not projects or not all(isinstance(p, str) and p for p in projects):
+            raise TokensFileError(f"{where}.projects: expected a non-empty list of project names (or ['*'])")
+        if digest in principals:
+            raise TokensFileError(f"{where}.token: the same token appears twice")
+        principals[digest] = Principal(name, frozenset(p for p in projects if p != "*"), all_projects="*" in projects)
+    return principals

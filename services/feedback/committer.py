@@ -1,0 +1,161 @@
+"""Group commit: batches from every concurrent call share one durable transaction.
+
+Calls hand their records to `GroupCommitter.submit`; one writer loop takes
+everything queued (up to `max_group_records`), writes it to the store in a
+single transaction on a dedicated thread, and resolves each caller's future
+with its own outcomes. While one transaction is being fsynced, the next group
+gathers, so the cost of durability is paid once per group, not once per call.
+A caller's future resolves only after its records are committed: acks never
+run ahead of durability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+
+from services.feedback.metrics import FeedbackMetrics
+from services.feedback.records import kind_of
+from services.feedback.store import FeedbackStore, Outcome, Status
+
+
+_INDEX = re.compile(r"\[[^\]]*\]")
+
+
+class Overloaded(RuntimeError):
+    """Too many records are waiting for commit; retry after `retry_after_s`."""
+
+    def __init__(self, pending: int, retry_after_s: float):
+        super().__init__(f"{pending} records are waiting for commit")
+        self.retry_after_s = retry_after_s
+
+
+class CommitterClosed(RuntimeError):
+    """The committer is shutting down and takes no new records."""
+
+
+@dataclass
+class _Request:
+    records: Sequence[pb.FeedbackRecord]
+    future: asyncio.Future = field(repr=False)
+
+
+class GroupCommitter:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        writer: ThreadPoolExecutor,
+        metrics: FeedbackMetrics | None = None,
+        max_group_records: int = 4096,
+        max_pending_records: int = 100_000,
+    ):
+        self._store = store
+        self._writer = writer  # single thread: every store write goes through it
+        self._metrics = metrics
+        self._max_group = max_group_records
+        self._max_pending = max_pending_records
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
+        self._pending = 0
+        self._space = asyncio.Condition()
+        self._closed = False
+        self._loop_task: asyncio.Task | None = None
+        self._last_commit_s = 0.005
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="group-committer")
+
+    async def submit(self, records: Sequence[pb.FeedbackRecord], wait: bool) -> list[Outcome]:
+        """Commit records; returns one outcome per record once they are durable.
+
+        With `wait=False` an overloaded committer raises Overloaded at once;
+        with `wait=True` the caller waits for room (stream back-pressure).
+        """
+        if self._closed:
+            raise CommitterClosed("the service is shutting down")
+        n = len(records)
+        if self._pending + n > self._max_pending and self._pending > 0:
+            if not wait:
+                raise Overloaded(self._pending, self.retry_after_s())
+            async with self._space:
+                await self._space.wait_for(lambda: self._closed or self._pending + n <= self._max_pending or self._pending == 0)
+            if self._closed:
+                raise CommitterClosed("the service is shutting down")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending += n
+        self._queue.put_nowait(_Request(records, future))
+        return await future
+
+    def retry_after_s(self) -> float:
+        """A wait after which the current backlog has likely been written."""
+        groups = max(1, self._pending // self._max_group)
+        return min(5.0, max(0.05, groups * self._last_commit_s))
+
+    async def close(self) -> None:
+        """Finish everything queued, then stop taking records."""
+        self._closed = True
+        async with self._space:
+            self._space.notify_all()
+        self._queue.put_nowait(None)
+        if self._loop_task is not None:
+            await self._loop_task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            size = len(first.records)
+            while size < self._max_group and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                group.append(nxt)
+                size += len(nxt.records)
+            await self._commit(loop, group, size)
+
+    async def _commit(self, loop: asyncio.AbstractEventLoop, group: list[_Request], size: int) -> None:
+        records = [r for req in group for r in req.records]
+        started = time.perf_counter()
+        try:
+            outcomes = await loop.run_in_executor(self._writer, self._store.write_batch, records)
+        except Exception as err:  # noqa: BLE001 - every waiting caller learns of it
+            for req in group:
+                if not req.future.done():
+                    req.future.set_exception(err)
+        else:
+            self._last_commit_s = time.perf_counter() - started
+            self._observe(records, outcomes, self._last_commit_s)
+            start = 0
+            for req in group:
+                end = start + len(req.records)
+                if not req.future.done():
+                    req.future.set_result(outcomes[start:end])
+                start = end
+        finally:
+            self._pending -= size
+            async with self._space:
+                self._space.notify_all()
+
+    def _observe(self, records: list[pb.FeedbackRecord], outcomes: list[Outcome], seconds: float) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.commit_seconds.observe(seconds)
+        self._metrics.commit_records.observe(len(records))
+        for record, outcome in zip(records, outcomes):
+            reason = outcome.rejection.field if outcome.status is Status.REJECTED and outcome.rejection else ""
+            reason = _INDEX.sub("[]", reason)  # bounded label values: no per-index series
+            self._metrics.records.labels(kind_of(record) or "none", outcome.status.value, reason).inc()

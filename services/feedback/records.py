@@ -1,0 +1,358 @@
+"""Typed records at the store boundary and the validation of incoming judgements.
+
+Validation is split in two pure steps:
+
+* `check_record(record, limits)` needs nothing but the record: required ids,
+  sizes, enum values, ranges, the shape of a ranking.
+* `check_against_task(record, task)` needs the task the record judges: known
+  candidate ids, a ranking that is a permutation of the task's candidates,
+  ratings on the task's declared scales.
+
+Both return `None` for a good record or a `Rejection` naming the offending
+field; the store runs them inside its write transaction, so a bad record is
+rejected alone and its batch neighbours are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+
+KINDS = ("preference", "ranking", "ratings", "correction", "flag")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits for one record (bytes of UTF-8 unless said otherwise)."""
+
+    max_id_bytes: int = 128
+    max_text_bytes: int = 65_536
+    max_note_bytes: int = 4_096
+    max_metadata_entries: int = 64
+    max_metadata_key_bytes: int = 128
+    max_metadata_value_bytes: int = 4_096
+    max_candidates: int = 64
+    max_ratings: int = 512
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why one record was not stored: the field's path and a reason."""
+
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A labeling task as the store keeps it."""
+
+    task_id: str
+    project: str
+    prompt_id: str
+    prompt: str
+    candidates: tuple[pb.Candidate, ...]
+    rating_scales: tuple[pb.RatingScale, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    annotations_wanted: int = 1
+
+    def to_proto(self) -> pb.LabelingTask:
+        return pb.LabelingTask(
+            task_id=self.task_id,
+            project=self.project,
+            prompt_id=self.prompt_id,
+            prompt=self.prompt,
+            candidates=list(self.candidates),
+            rating_scales=list(self.rating_scales),
+            metadata=self.metadata,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.LabelingTask, annotations_wanted: int = 1) -> "Task":
+        return cls(
+            task_id=msg.task_id,
+            project=msg.project,
+            prompt_id=msg.prompt_id,
+            prompt=msg.prompt,
+            candidates=tuple(msg.candidates),
+            rating_scales=tuple(msg.rating_scales),
+            metadata=dict(msg.metadata),
+            annotations_wanted=annotations_wanted,
+        )
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """One committed record, in the store's total order."""
+
+    seq: int  # position in the store's total order (the watermark counts these)
+    record: pb.FeedbackRecord
+    received_at: float  # server clock, seconds since the epoch
+
+
+def kind_of(record: pb.FeedbackRecord) -> str:
+    """The judgement kind ("preference", ...) or "" when none is set."""
+    return record.WhichOneof("judgement") or ""
+
+
+def content_hash(record: pb.FeedbackRecord) -> bytes:
+    """A digest of the record's content, stable across resends of the same record."""
+    return hashlib.sha256(record.SerializeToString(deterministic=True)).digest()
+
+
+def _nbytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _check_text(path: str, text: str, limit: int, required: bool) -> Rejection | None:
+    if required and not text.strip():
+        return Rejection(path, "must not be empty")
+    if _nbytes(text) > limit:
+        return Rejection(path, f"is {_nbytes(text)} bytes; the limit is {limit}")
+    return None
+
+
+def _check_id(path: str, value: str, limits: Limits, required: bool = True) -> Rejection | None:
+    return _check_text(path, value, limits.max_id_bytes, required)
+
+
+def _first(checks: Iterable[Rejection | None]) -> Rejection | None:
+    for rejection in checks:
+        if rejection is not None:
+            return rejection
+    return None
+
+
+def check_record(record: pb.FeedbackRecord, limits: Limits) -> Rejection | None:
+    """Checks that need nothing but the record itself."""
+    head = _first(
+        (
+            _check_id("feedback_id", record.feedback_id, limits),
+            _check_id("project", record.project, limits),
+            _check_id("task_id", record.task_id, limits),
+            _check_id("annotator_id", record.annotator_id, limits),
+            _check_id("prompt_id", record.prompt_id, limits, required=False),
+            _check_id("guidelines_version", record.guidelines_version, limits, required=False),
+            _check_confidence(record),
+            _check_lead_time(record),
+            _check_metadata(record, limits),
+        )
+    )
+    if head is not None:
+        return head
+    kind = kind_of(record)
+    if not kind:
+        return Rejection("judgement", f"exactly one of {', '.join(KINDS)} must be set")
+    return _KIND_CHECKS[kind](getattr(record, kind), limits)
+
+
+def _check_confidence(record: pb.FeedbackRecord) -> Rejection | None:
+    if record.HasField("confidence"):
+        c = record.confidence
+        if not (math.isfinite(c) and 0.0 <= c <= 1.0):
+            return Rejection("confidence", f"must lie in [0, 1], got {c}")
+    return None
+
+
+def _check_lead_time(record: pb.FeedbackRecord) -> Rejection | None:
+    if record.HasField("lead_time_seconds"):
+        t = record.lead_time_seconds
+        if not (math.isfinite(t) and t >= 0.0):
+            return Rejection("lead_time_seconds", f"must be a finite number >= 0, got {t}")
+    return None
+
+
+def _check_metadata(record: pb.FeedbackRecord, limits: Limits) -> Rejection | None:
+    if len(record.metadata) > limits.max_metadata_entries:
+        return Rejection(
+            "metadata",
+            f"has {len(record.metadata)} entries; the limit is {limits.max_metadata_entries}",
+        )
+    for key, value in record.metadata.items():
+        if _nbytes(key) > limits.max_metadata_key_bytes:
+            return Rejection("metadata", f"key {key[:32]!r}... is longer than {limits.max_metadata_key_bytes} bytes")
+        if _nbytes(value) > limits.max_metadata_value_bytes:
+            return Rejection(f"metadata[{key}]", f"is longer than {limits.max_metadata_value_bytes} bytes")
+    return None
+
+
+def _check_preference(p: pb.Preference, limits: Limits) -> Rejection | None:
+    found = _first(
+        (
+            _check_id("preference.candidate_a_id", p.candidate_a_id, limits),
+            _check_id("preference.candidate_b_id", p.candidate_b_id, limits),
+        )
+    )
+    if found:
+        return found
+    if p.candidate_a_id == p.candidate_b_id:
+        return Rejection("preference.candidate_b_id", "must differ from candidate_a_id")
+    if p.choice not in (pb.Preference.CHOICE_A, pb.Preference.CHOICE_B, pb.Preference.CHOICE_TIE, pb.Preference.CHOICE_BOTH_BAD):
+        return Rejection("preference.choice", "must be CHOICE_A, CHOICE_B, CHOICE_TIE or CHOICE_BOTH_BAD")
+    if p.HasField("strength"):
+        if not (math.isfinite(p.strength) and 0.0 < p.strength <= 1.0):
+            return Rejection("preference.strength", f"must lie in (0, 1], got {p.strength}")
+        if p.choice not in (pb.Preference.CHOICE_A, pb.Preference.CHOICE_B):
+            return Rejection("preference.strength", "is only meaningful with CHOICE_A or CHOICE_B")
+    return None
+
+
+def _check_ranking(r: pb.Ranking, limits: Limits) -> Rejection | None:
+    n = len(r.entries)
+    if n < 2:
+        return Rejection("ranking.entries", f"must rank at least 2 candidates, got {n}")
+    if n > limits.max_candidates:
+        return Rejection("ranking.entries", f"has {n} entries; the limit is {limits.max_candidates}")
+    seen: set[str] = set()
+    for i, entry in enumerate(r.entries):
+        found = _check_id(f"ranking.entries[{i}].candidate_id", entry.candidate_id, limits)
+        if found:
+            return found
+        if entry.candidate_id in seen:
+            return Rejection(f"ranking.entries[{i}].candidate_id", f"{entry.candidate_id!r} is ranked twice: not a permutation")
+        seen.add(entry.candidate_id)
+        if not 1 <= entry.rank <= n:
+            return Rejection(f"ranking.entries[{i}].rank", f"must lie in [1, {n}], got {entry.rank}")
+    return None
+
+
+def _check_ratings(r: pb.Ratings, limits: Limits) -> Rejection | None:
+    if not r.entries:
+        return Rejection("ratings.entries", "must hold at least one rating")
+    if len(r.entries) > limits.max_ratings:
+        return Rejection("ratings.entries", f"has {len(r.entries)} entries; the limit is {limits.max_ratings}")
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(r.entries):
+        found = _first(
+            (
+                _check_id(f"ratings.entries[{i}].candidate_id", entry.candidate_id, limits),
+                _check_id(f"ratings.entries[{i}].aspect", entry.aspect, limits),
+            )
+        )
+        if found:
+            return found
+        if not math.isfinite(entry.value):
+            return Rejection(f"ratings.entries[{i}].value", f"must be finite, got {entry.value}")
+        key = (entry.candidate_id, entry.aspect)
+        if key in seen:
+            return Rejection(f"ratings.entries[{i}]", f"rates {key[0]!r} on {key[1]!r} twice")
+        seen.add(key)
+    return None
+
+
+def _check_correction(c: pb.Correction, limits: Limits) -> Rejection | None:
+    return _first(
+        (
+            _check_id("correction.candidate_id", c.candidate_id, limits),
+            _check_text("correction.corrected_text", c.corrected_text, limits.max_text_bytes, required=True),
+            _check_text("correction.note", c.note, limits.max_note_bytes, required=False),
+        )
+    )
+
+
+def _check_flag(f: pb.Flag, limits: Limits) -> Rejection | None:
+    found = _first(
+        (
+            _check_id("flag.candidate_id", f.candidate_id, limits, required=False),
+            _check_text("flag.note", f.note, limits.max_note_bytes, required=False),
+        )
+    )
+    if found:
+        return found
+    if f.kind not in (pb.Flag.KIND_HARMFUL, pb.Flag.KIND_PII, pb.Flag.KIND_SPAM, pb.Flag.KIND_OTHER):
+        return Rejection("flag.kind", "must be KIND_HARMFUL, KIND_PII, KIND_SPAM or KIND_OTHER")
+    if f.kind == pb.Flag.KIND_OTHER and not f.note.strip():
+        return Rejection("flag.note", "is required with KIND_OTHER")
+    return None
+
+
+_KIND_CHECKS = {
+    "preference": _check_preference,
+    "ranking": _check_ranking,
+    "ratings": _check_ratings,
+    "correction": _check_correction,
+    "flag": _check_flag,
+}
+
+
+def check_against_task(record: pb.FeedbackRecord, task: Task | None) -> Rejection | None:
+    """Checks that need the judged task (None when the store does not know it)."""
+    if task is None:
+        return Rejection("task_id", f"unknown task {record.task_id!r}")
+    if task.project != record.project:
+        return Rejection("project", f"task {task.task_id!r} belongs to another project")
+    if record.prompt_id and record.prompt_id != task.prompt_id:
+        return Rejection("prompt_id", f"task {task.task_id!r} has prompt_id {task.prompt_id!r}, not {record.prompt_id!r}")
+    ids = {c.candidate_id for c in task.candidates}
+    kind = kind_of(record)
+    if kind == "preference":
+        p = record.preference
+        for name in ("candidate_a_id", "candidate_b_id"):
+            value = getattr(p, name)
+            if value not in ids:
+                return Rejection(f"preference.{name}", f"unknown candidate {value!r} for task {task.task_id!r}")
+    elif kind == "ranking":
+        ranked = [e.candidate_id for e in record.ranking.entries]
+        for i, cid in enumerate(ranked):
+            if cid not in ids:
+                return Rejection(f"ranking.entries[{i}].candidate_id", f"unknown candidate {cid!r} for task {task.task_id!r}")
+        if len(ranked) != len(ids):
+            return Rejection("ranking.entries", f"ranks {len(ranked)} of the task's {len(ids)} candidates: not a permutation")
+    elif kind == "ratings":
+        scales = {s.aspect: s for s in task.rating_scales}
+        for i, entry in enumerate(record.ratings.entries):
+            if entry.candidate_id not in ids:
+                return Rejection(f"ratings.entries[{i}].candidate_id", f"unknown candidate {entry.candidate_id!r} for task {task.task_id!r}")
+            scale = scales.get(entry.aspect)
+            if scale is None:
+                declared = ", ".join(sorted(scales)) or "none"
+                return Rejection(f"ratings.entries[{i}].aspect", f"{entry.aspect!r} is not declared by the task (declared: {declared})")
+            if not scale.min <= entry.value <= scale.max:
+                return Rejection(f"ratings.entries[{i}].value", f"{entry.value} is outside the scale [{scale.min}, {scale.max}] of {entry.aspect!r}")
+    elif kind == "correction":
+        if record.correction.candidate_id not in ids:
+            return Rejection("correction.candidate_id", f"unknown candidate {record.correction.candidate_id!r} for task {task.task_id!r}")
+    elif kind == "flag":
+        cid = record.flag.candidate_id
+        if cid and cid not in ids:
+            return Rejection("flag.candidate_id", f"unknown candidate {cid!r} for task {task.task_id!r}")
+    return None
+
+
+def check_task(task: Task, limits: Limits) -> Rejection | None:
+    """Validates a task before it is published."""
+    found = _first(
+        (
+            _check_id("task_id", task.task_id, limits),
+            _check_id("project", task.project, limits),
+            _check_id("prompt_id", task.prompt_id, limits),
+            _check_text("prompt", task.prompt, limits.max_text_bytes, required=True),
+        )
+    )
+    if found:
+        return found
+    if not 2 <= len(task.candidates) <= limits.max_candidates:
+        return Rejection("candidates", f"a task needs 2..{limits.max_candidates} candidates, got {len(task.candidates)}")
+    seen: set[str] = set()
+    for i, c in enumerate(task.candidates):
+        found = _first(
+            (
+                _check_id(f"candidates[{i}].candidate_id", c.candidate_id, limits),
+                _check_text(f"candidates[{i}].text", c.text, limits.max_text_bytes, required=True),
+            )
+        )
+        if found:
+            return found
+        if c.candidate_id in seen:
+            return Rejection(f"candidates[{i}].candidate_id", f"{c.candidate_id!r} appears twice")
+        seen.add(c.candidate_id)
+    for i, s in enumerate(task.rating_scales):
+        if not s.aspect or not (math.isfinite(s.min) and math.isfinite(s.max) and s.min < s.max):
+            return Rejection(f"rating_scales[{i}]", "needs an aspect name and finite min < max")
+    if task.annotations_wanted < 1:
+        return Rejection("annotations_wanted", f"must be >= 1, got {task.annotations_wanted}")
+    return None

@@ -1,0 +1,173 @@
+"""The feedback gRPC server: wiring, TLS, health, reflection, metrics, shutdown.
+
+    hitl feedback serve --store sqlite:///hitl-data/feedback.db --port 50051
+
+`FeedbackServer` is an asyncio object: `await start()`, `await stop()`. The
+CLI runs it until SIGINT/SIGTERM; the coordinator can host it in a Ray actor.
+Shutdown order: health turns NOT_SERVING, new calls are refused, running calls
+get `shutdown_grace_seconds` to finish, the committer writes what is queued,
+then the store closes. Nothing that was acked is lost at any point, because
+nothing is acked before it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+from hitl.feedback.v1 import feedback_pb2_grpc as pb_grpc
+
+from services.feedback.auth import TokenAuth
+from services.feedback.committer import GroupCommitter
+from services.feedback.config import FeedbackServiceConfig
+from services.feedback.metrics import FeedbackMetrics
+from services.feedback.servicer import FeedbackServicer
+from services.feedback.store import FeedbackStore, open_store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+
+
+class FeedbackServer:
+    def __init__(self, cfg: FeedbackServiceConfig, store: FeedbackStore | None = None):
+        self.cfg = cfg
+        self._auth = TokenAuth.from_file(cfg.tokens_file) if cfg.tokens_file else None
+        self._tls = _server_credentials(cfg) if cfg.tls else None
+        self._own_store = store is None
+        self.store = store if store is not None else open_store(cfg.store)
+        self.metrics = FeedbackMetrics.create()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-reader")
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._committer: GroupCommitter | None = None
+        self._servicer: FeedbackServicer | None = None
+        self._metrics_http = None
+        self.port: int = 0
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start serving and return the bound port."""
+        self._committer = GroupCommitter(
+            self.store,
+            self._writer,
+            self.metrics,
+            max_group_records=self.cfg.max_group_records,
+            max_pending_records=self.cfg.max_pending_records,
+        )
+        self._committer.start()
+        self._servicer = FeedbackServicer(
+            self.cfg, self.store, self._committer, self._writer, self._readers, self._auth, self.metrics
+        )
+        limit = self.cfg.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", max(limit, 16 * 1024 * 1024)),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_FeedbackServiceServicer_to_server(self._servicer, self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if self.cfg.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        bind = f"{self.cfg.host}:{self.cfg.port}"
+        if self._tls is not None:
+            self.port = self._server.add_secure_port(bind, self._tls)
+        else:
+            self.port = self._server.add_insecure_port(bind)
+        if self.port == 0:
+            raise OSError(f"could not bind {bind}")
+        await self._server.start()
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._start_metrics()
+        log.info(
+            "feedback service on %s (%s, store %s, auth %s)",
+            self.address,
+            "TLS" if self._tls else "plaintext",
+            self.cfg.store,
+            "tokens" if self._auth else "off",
+        )
+        return self.port
+
+    def _start_metrics(self) -> None:
+        if self.cfg.metrics_port is None:
+            return
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.host, registry=self.metrics.registry)
+        self._metrics_http = server
+        self.metrics_port = server.server_port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown; see the module docstring for the order."""
+        if self._server is None:
+            return
+        grace = self.cfg.shutdown_grace_seconds if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._servicer is not None:
+            self._servicer.begin_shutdown()
+        await self._server.stop(grace)
+        if self._committer is not None:
+            await self._committer.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        if self._own_store:
+            self.store.close()
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _server_credentials(cfg: FeedbackServiceConfig) -> grpc.ServerCredentials:
+    key = _read(cfg.tls_key, "tls_key")
+    cert = _read(cfg.tls_cert, "tls_cert")
+    ca = _read(cfg.tls_client_ca, "tls_client_ca") if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _read(path: Path | None, name: str) -> bytes:
+    try:
+        return Path(path).read_bytes()  # type: ignore[arg-type]
+    except OSError as err:
+        raise FileNotFoundError(f"{name}: cannot read {path}: {err.strerror}") from None
+
+
+async def serve_forever(cfg: FeedbackServiceConfig, ready_file: Path | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    server = FeedbackServer(cfg)
+    await server.start()
+    if ready_file is not None:
+        ready_file.write_text(f"{server.port}\n")
+    print(f"hitl feedback service listening on {server.address} (store {cfg.store})", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics on http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shutting down: finishing calls in progress", flush=True)
+    await server.stop()

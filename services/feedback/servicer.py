@@ -1,0 +1,233 @@
+"""The gRPC servicer: translates messages, checks auth and scope, delegates.
+
+The logic lives in plain objects (`GroupCommitter`, the store); this class only
+maps wire messages to them and their failures to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Iterable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+from hitl.feedback.v1 import feedback_pb2_grpc as pb_grpc
+
+from services.feedback.auth import ANONYMOUS, Principal, TokenAuth
+from services.feedback.committer import CommitterClosed, GroupCommitter, Overloaded
+from services.feedback.config import FeedbackServiceConfig
+from services.feedback.metrics import FeedbackMetrics
+from services.feedback.store import FeedbackStore, Outcome, Status
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    Status.ACCEPTED: pb.RecordResult.STATUS_ACCEPTED,
+    Status.DUPLICATE: pb.RecordResult.STATUS_DUPLICATE,
+    Status.REJECTED: pb.RecordResult.STATUS_REJECTED,
+}
+MAX_TASKS_PER_PULL = 1000
+
+
+def to_results(records: Iterable[pb.FeedbackRecord], outcomes: Iterable[Outcome]) -> list[pb.RecordResult]:
+    results = []
+    for record, outcome in zip(records, outcomes):
+        result = pb.RecordResult(feedback_id=record.feedback_id, status=_STATUS[outcome.status], seq=outcome.seq)
+        if outcome.rejection is not None:
+            result.field = outcome.rejection.field
+            result.reason = outcome.rejection.reason
+        results.append(result)
+    return results
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
+    def __init__(
+        self,
+        cfg: FeedbackServiceConfig,
+        store: FeedbackStore,
+        committer: GroupCommitter,
+        writer: ThreadPoolExecutor,
+        readers: ThreadPoolExecutor,
+        auth: TokenAuth | None,
+        metrics: FeedbackMetrics,
+    ):
+        self._cfg = cfg
+        self._store = store
+        self._committer = committer
+        self._writer = writer
+        self._readers = readers
+        self._auth = auth
+        self._metrics = metrics
+        self._stopping = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """Following PullTasks streams end; calls in progress finish."""
+        self._stopping.set()
+
+    # -- helpers ------------------------------------------------------------
+
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        if self._auth is None:
+            return ANONYMOUS
+        principal = self._auth.authenticate(context.invocation_metadata())
+        if principal is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        return principal
+
+    async def _check_scope(self, context: grpc.aio.ServicerContext, principal: Principal, projects: Iterable[str]) -> None:
+        denied = principal.first_denied(projects)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not write or read project {denied!r}")
+
+    async def _check_batch_size(self, context: grpc.aio.ServicerContext, n: int) -> None:
+        if n > self._cfg.max_batch_records:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a batch holds {n} records; the limit is {self._cfg.max_batch_records}: split it",
+            )
+
+    async def _commit(self, context: grpc.aio.ServicerContext, records, wait: bool) -> list[Outcome]:
+        try:
+            return await self._committer.submit(records, wait=wait)
+        except Overloaded as err:
+            context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_s * 1000))),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded ({err}); retry later")
+        except CommitterClosed as err:
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except Exception as err:  # noqa: BLE001 - a store failure: nothing of this call was acked
+            log.exception("store write failed")
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store write failed: {type(err).__name__}; retry")
+        raise AssertionError("unreachable")
+
+    # -- RPCs ---------------------------------------------------------------
+
+    async def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context) -> pb.SubmitFeedbackResponse:
+        started = time.perf_counter()
+        principal = await self._principal(context)
+        await self._check_scope(context, principal, {r.project for r in request.records})
+        await self._check_batch_size(context, len(request.records))
+        records = list(request.records)
+        outcomes = await self._commit(context, records, wait=False) if records else []
+        self._metrics.ack_seconds.labels("SubmitFeedback").observe(time.perf_counter() - started)
+        return pb.SubmitFeedbackResponse(results=to_results(records, outcomes))
+
+    async def StreamFeedback(self, request_iterator: AsyncIterator[pb.FeedbackBatch], context) -> AsyncIterator[pb.BatchAck]:
+        principal = await self._principal(context)
+        inflight: asyncio.Queue = asyncio.Queue(maxsize=self._cfg.max_inflight_batches)
+        reader = asyncio.create_task(self._read_stream(request_iterator, context, principal, inflight))
+        try:
+            while True:
+                item = await inflight.get()
+                if item is None:
+                    break
+                if isinstance(item, tuple) and isinstance(item[0], grpc.StatusCode):
+                    await context.abort(item[0], item[1])
+                sequence, records, task, started = item
+                outcomes = await task
+                if isinstance(outcomes, tuple):  # an abort raised while committing
+                    await context.abort(*outcomes)
+                self._metrics.ack_seconds.labels("StreamFeedback").observe(time.perf_counter() - started)
+                yield pb.BatchAck(sequence=sequence, results=to_results(records, outcomes))
+        finally:
+            reader.cancel()
+
+    async def _read_stream(self, request_iterator, context, principal: Principal, inflight: asyncio.Queue) -> None:
+        last: int | None = None
+        try:
+            async for batch in request_iterator:
+                started = time.perf_counter()
+                if last is not None and batch.sequence <= last:
+                    await inflight.put((grpc.StatusCode.INVALID_ARGUMENT, f"batch sequence {batch.sequence} does not increase (last was {last})"))
+                    return
+                last = batch.sequence
+                denied = principal.first_denied({r.project for r in batch.records})
+                if denied is not None:
+                    await inflight.put((grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not write project {denied!r}"))
+                    return
+                if len(batch.records) > self._cfg.max_batch_records:
+                    await inflight.put(
+                        (grpc.StatusCode.RESOURCE_EXHAUSTED, f"batch {batch.sequence} holds {len(batch.records)} records; the limit is {self._cfg.max_batch_records}")
+                    )
+                    return
+                records = list(batch.records)
+                task = asyncio.create_task(self._stream_commit(records))
+                await inflight.put((batch.sequence, records, task, started))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the client went away; the handler ends
+            pass
+        await inflight.put(None)
+
+    async def _stream_commit(self, records: list[pb.FeedbackRecord]):
+        if not records:
+            return []
+        try:
+            return await self._committer.submit(records, wait=True)
+        except CommitterClosed as err:
+            return (grpc.StatusCode.UNAVAILABLE, str(err))
+        except Exception as err:  # noqa: BLE001
+            log.exception("store write failed")
+            return (grpc.StatusCode.UNAVAILABLE, f"store write failed: {type(err).__name__}; resend unacked batches")
+
+    async def PullTasks(self, request: pb.PullTasksRequest, context) -> AsyncIterator[pb.LabelingTask]:
+        principal = await self._principal(context)
+        if not request.project:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project: required")
+        if not request.annotator_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "annotator_id: required")
+        await self._check_scope(context, principal, [request.project])
+        if request.max_tasks > MAX_TASKS_PER_PULL:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_tasks: at most {MAX_TASKS_PER_PULL}, got {request.max_tasks}")
+        if request.lease_seconds > self._cfg.max_lease_seconds:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"lease_seconds: at most {self._cfg.max_lease_seconds:g}, got {request.lease_seconds}")
+        wanted = request.max_tasks or 1
+        lease = float(request.lease_seconds or self._cfg.default_lease_seconds)
+        loop = asyncio.get_running_loop()
+        sent = 0
+        while sent < wanted:
+            leased = await loop.run_in_executor(
+                self._writer, self._store.lease_tasks, request.project, request.annotator_id, wanted - sent, lease
+            )
+            for item in leased:
+                msg = item.task.to_proto()
+                msg.lease_expires_at.CopyFrom(_timestamp(item.lease_expires_at))
+                yield msg
+                sent += 1
+            if not request.follow or sent >= wanted:
+                break
+            if not leased:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=self._cfg.follow_poll_seconds)
+                    break  # shutting down
+                except asyncio.TimeoutError:
+                    pass
+
+    async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.Stats:
+        principal = await self._principal(context)
+        if request.project:
+            await self._check_scope(context, principal, [request.project])
+            projects: list[str] | None = [request.project]
+        else:
+            projects = principal.scope()
+        stats = await asyncio.get_running_loop().run_in_executor(self._readers, self._store.stats, projects)
+        return pb.Stats(
+            total_records=stats.total_records,
+            by_kind=stats.by_kind,
+            by_project=stats.by_project,
+            by_annotator=stats.by_annotator,
+            watermark=stats.watermark,
+            open_tasks=stats.open_tasks,
+        )

@@ -1,0 +1,583 @@
+"""The feedback store: one SQL implementation over two real backends.
+
+`SqlStore` holds every query; a `Dialect` supplies what differs between SQLite
+and PostgreSQL (connections, DDL types, locking). All writes of one batch
+happen in one transaction, so either every accepted record of the batch is
+durable or none is (and none is acked).
+
+Guarantees kept here:
+* `(project, feedback_id)` is unique: a resent record is stored once.
+* `seq` increases in commit order (writers are serialised: SQLite by its write
+  lock, PostgreSQL by a transaction-level advisory lock), so a reader that
+  has seen everything up to watermark W never misses a record committed later
+  with a smaller seq; `read_after(W)` is an index range scan, O(new records).
+* Record counts by project, kind and annotator are maintained in the same
+  transaction, so `stats()` costs O(groups), not O(records).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+
+from services.feedback.records import (
+    Limits,
+    Rejection,
+    StoredRecord,
+    Task,
+    check_against_task,
+    check_record,
+    check_task,
+    content_hash,
+    kind_of,
+)
+
+SCHEMA_VERSION = 1
+_IN_CHUNK = 500  # ids per IN (...) list
+
+
+class StoreError(RuntimeError):
+    """The store cannot serve the request (schema, connection, corruption)."""
+
+
+class Status(Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one record of a written batch."""
+
+    status: Status
+    seq: int = 0  # store position, for ACCEPTED and DUPLICATE
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What happened to one published task."""
+
+    created: bool
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True)
+class LeasedTask:
+    task: Task
+    lease_expires_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    total_records: int
+    by_kind: dict[str, int]
+    by_project: dict[str, int]
+    by_annotator: dict[str, int]
+    watermark: int
+    open_tasks: int
+
+
+class FeedbackStore(Protocol):
+    """What the service needs of a store; both backends implement it."""
+
+    url: str
+
+    def write_batch(self, records: Sequence[pb.FeedbackRecord]) -> list[Outcome]: ...
+    def read_after(self, watermark: int, limit: int = 1000, projects: Iterable[str] | None = None) -> list[StoredRecord]: ...
+    def watermark(self) -> int: ...
+    def add_tasks(self, tasks: Sequence[Task]) -> list[TaskOutcome]: ...
+    def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]: ...
+    def get_task(self, task_id: str) -> Task | None: ...
+    def stats(self, projects: Iterable[str] | None = None) -> StoreStats: ...
+    def schema_version(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Dialect(Protocol):
+    """What differs between the SQL backends."""
+
+    name: str
+    seq_column: str  # DDL of the auto-increasing primary key
+    blob: str  # DDL type of binary columns
+    real: str  # DDL type of float columns
+
+    def connect(self) -> Any: ...
+    def sql(self, statement: str) -> str: ...  # placeholder translation
+    def begin_write(self, conn: Any) -> None: ...  # start a serialised write transaction
+    def begin_read(self, conn: Any) -> None: ...
+    def insert_returning(self, cur: Any, statement: str, rows: list[tuple]) -> list[int]: ...
+
+
+def _migrations(d: Dialect) -> dict[int, list[str]]:
+    """Schema migrations by target version; each runs in one transaction."""
+    return {
+        1: [
+            f"""CREATE TABLE feedback (
+                seq {d.seq_column},
+                project TEXT NOT NULL,
+                feedback_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                task_id TEXT NOT NULL,
+                annotator_id TEXT NOT NULL,
+                content_hash {d.blob} NOT NULL,
+                record {d.blob} NOT NULL,
+                received_at {d.real} NOT NULL,
+                UNIQUE (project, feedback_id)
+            )""",
+            """CREATE TABLE feedback_counts (
+                project TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                annotator_id TEXT NOT NULL,
+                n BIGINT NOT NULL,
+                PRIMARY KEY (project, kind, annotator_id)
+            )""",
+            f"""CREATE TABLE tasks (
+                task_id TEXT PRIMARY KEY,
+                project TEXT NOT NULL,
+                prompt_id TEXT NOT NULL,
+                task {d.blob} NOT NULL,
+                annotations_wanted INTEGER NOT NULL,
+                annotations_done INTEGER NOT NULL,
+                is_open INTEGER NOT NULL,
+                created_at {d.real} NOT NULL,
+                created_order BIGINT NOT NULL
+            )""",
+            "CREATE INDEX tasks_open ON tasks (project, is_open, created_order)",
+            f"""CREATE TABLE leases (
+                task_id TEXT NOT NULL,
+                annotator_id TEXT NOT NULL,
+                expires_at {d.real} NOT NULL,
+                answered INTEGER NOT NULL,
+                PRIMARY KEY (task_id, annotator_id)
+            )""",
+            "CREATE INDEX leases_by_annotator ON leases (annotator_id, task_id)",
+        ],
+    }
+
+
+class SqlStore:
+    """The store over a DB-API connection per thread; see the module docstring."""
+
+    def __init__(self, url: str, dialect: Dialect, limits: Limits | None = None, task_cache_size: int = 100_000):
+        self.url = url
+        self._d = dialect
+        self.limits = limits or Limits()
+        self._local = threading.local()
+        self._conns: list[Any] = []
+        self._conns_lock = threading.Lock()
+        self._task_cache: dict[str, Task] = {}
+        self._task_cache_size = task_cache_size
+        self._migrate()
+
+    # -- connections --------------------------------------------------------
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._d.connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+            self._conns.clear()
+        self._local = threading.local()
+
+    def _q(self, statement: str) -> str:
+        return self._d.sql(statement)
+
+    # -- schema -------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_write(conn)
+        try:
+            cur.execute("CREATE TABLE IF NOT EXISTS hitl_schema (version INTEGER NOT NULL)")
+            cur.execute("SELECT version FROM hitl_schema")
+            row = cur.fetchone()
+            current = row[0] if row else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.url} has schema version {current}; this hitl knows up to {SCHEMA_VERSION}: upgrade hitl"
+                )
+            for version, statements in sorted(_migrations(self._d).items()):
+                if version <= current:
+                    continue
+                for statement in statements:
+                    cur.execute(statement)
+            if row is None:
+                cur.execute(self._q("INSERT INTO hitl_schema (version) VALUES (?)"), (SCHEMA_VERSION,))
+            elif current < SCHEMA_VERSION:
+                cur.execute(self._q("UPDATE hitl_schema SET version = ?"), (SCHEMA_VERSION,))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+
+    def schema_version(self) -> int:
+        cur = self._conn().cursor()
+        cur.execute("SELECT version FROM hitl_schema")
+        version = cur.fetchone()[0]
+        self._conn().rollback()
+        return int(version)
+
+    # -- feedback -----------------------------------------------------------
+
+    def write_batch(self, records: Sequence[pb.FeedbackRecord]) -> list[Outcome]:
+        """Validate and store records in one transaction; one outcome per record."""
+        outcomes: list[Outcome | None] = [None] * len(records)
+        for i, record in enumerate(records):
+            rejection = check_record(record, self.limits)
+            if rejection is not None:
+                outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
+        conn = self._conn()
+        self._d.begin_write(conn)
+        try:
+            self._write_locked(conn, records, outcomes)
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
+
+    def _write_locked(self, conn: Any, records: Sequence[pb.FeedbackRecord], outcomes: list[Outcome | None]) -> None:
+        cur = conn.cursor()
+        pending = [i for i, o in enumerate(outcomes) if o is None]
+        hashes = {i: content_hash(records[i]) for i in pending}
+        existing = self._existing(cur, [(records[i].project, records[i].feedback_id) for i in pending])
+        tasks = self._tasks(cur, {records[i].task_id for i in pending})
+        now = time.time()
+        to_insert: list[int] = []
+        in_batch: dict[tuple[str, str], int] = {}
+        for i in pending:
+            record = records[i]
+            key = (record.project, record.feedback_id)
+            if key in existing:
+                seq, digest = existing[key]
+                outcomes[i] = self._resend(seq, digest, hashes[i])
+                continue
+            if key in in_batch:
+                first = in_batch[key]
+                outcomes[i] = Outcome(Status.DUPLICATE) if hashes[first] == hashes[i] else Outcome(
+                    Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record")
+                )
+                continue
+            rejection = check_against_task(record, tasks.get(record.task_id))
+            if rejection is not None:
+                outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
+                continue
+            in_batch[key] = i
+            to_insert.append(i)
+        if not to_insert:
+            return
+        rows = [
+            (
+                records[i].project,
+                records[i].feedback_id,
+                kind_of(records[i]),
+                records[i].task_id,
+                records[i].annotator_id,
+                hashes[i],
+                records[i].SerializeToString(deterministic=True),
+                now,
+            )
+            for i in to_insert
+        ]
+        seqs = self._d.insert_returning(
+            cur,
+            self._q(
+                "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"
+            ),
+            rows,
+        )
+        for i, seq in zip(to_insert, seqs):
+            outcomes[i] = Outcome(Status.ACCEPTED, seq=seq)
+        # in-batch duplicates point at the stored copy
+        for i, o in enumerate(outcomes):
+            if o is not None and o.status is Status.DUPLICATE and o.seq == 0:
+                outcomes[i] = Outcome(Status.DUPLICATE, seq=outcomes[in_batch[(records[i].project, records[i].feedback_id)]].seq)
+        self._count(cur, [records[i] for i in to_insert])
+        self._mark_answered(cur, [records[i] for i in to_insert], now)
+
+    @staticmethod
+    def _resend(seq: int, stored: bytes, digest: bytes) -> Outcome:
+        if bytes(stored) == digest:
+            return Outcome(Status.DUPLICATE, seq=seq)
+        return Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
+
+    def _existing(self, cur: Any, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, bytes]]:
+        by_project: dict[str, list[str]] = defaultdict(list)
+        for project, fid in keys:
+            by_project[project].append(fid)
+        found: dict[tuple[str, str], tuple[int, bytes]] = {}
+        for project, ids in by_project.items():
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(
+                    self._q(f"SELECT feedback_id, seq, content_hash FROM feedback WHERE project = ? AND feedback_id IN ({marks})"),
+                    (project, *chunk),
+                )
+                for fid, seq, digest in cur.fetchall():
+                    found[(project, fid)] = (int(seq), bytes(digest))
+        return found
+
+    def _tasks(self, cur: Any, task_ids: set[str]) -> dict[str, Task]:
+        found = {tid: self._task_cache[tid] for tid in task_ids if tid in self._task_cache}
+        missing = [tid for tid in task_ids if tid not in found]
+        for start in range(0, len(missing), _IN_CHUNK):
+            chunk = missing[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            cur.execute(self._q(f"SELECT task, annotations_wanted FROM tasks WHERE task_id IN ({marks})"), chunk)
+            for blob, wanted in cur.fetchall():
+                task = _task_from_blob(blob, wanted)
+                found[task.task_id] = task
+                self._cache_task(task)
+        return found
+
+    def _cache_task(self, task: Task) -> None:
+        if len(self._task_cache) >= self._task_cache_size:
+            self._task_cache.clear()
+        self._task_cache[task.task_id] = task
+
+    def _count(self, cur: Any, records: list[pb.FeedbackRecord]) -> None:
+        counts: dict[tuple[str, str, str], int] = defaultdict(int)
+        for r in records:
+            counts[(r.project, kind_of(r), r.annotator_id)] += 1
+        cur.executemany(
+            self._q(
+                "INSERT INTO feedback_counts (project, kind, annotator_id, n) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (project, kind, annotator_id) DO UPDATE SET n = feedback_counts.n + excluded.n"
+            ),
+            [(*key, n) for key, n in counts.items()],
+        )
+
+    def _mark_answered(self, cur: Any, records: list[pb.FeedbackRecord], now: float) -> None:
+        """Close the annotator's lease on each judged task; count each annotator once per task."""
+        seen: set[tuple[str, str]] = set()
+        for r in records:
+            key = (r.task_id, r.annotator_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            cur.execute(self._q("SELECT answered FROM leases WHERE task_id = ? AND annotator_id = ?"), key)
+            row = cur.fetchone()
+            if row is not None and row[0]:
+                continue
+            if row is None:
+                cur.execute(
+                    self._q("INSERT INTO leases (task_id, annotator_id, expires_at, answered) VALUES (?, ?, ?, 1)"),
+                    (r.task_id, r.annotator_id, now),
+                )
+            else:
+                cur.execute(self._q("UPDATE leases SET answered = 1 WHERE task_id = ? AND annotator_id = ?"), key)
+            cur.execute(
+                self._q(
+                    "UPDATE tasks SET annotations_done = annotations_done + 1,"
+                    " is_open = CASE WHEN annotations_done + 1 >= annotations_wanted THEN 0 ELSE 1 END"
+                    " WHERE task_id = ?"
+                ),
+                (r.task_id,),
+            )
+
+    def read_after(self, watermark: int, limit: int = 1000, projects: Iterable[str] | None = None) -> list[StoredRecord]:
+        """Records with seq > watermark in seq order, at most `limit` (an index range scan)."""
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        try:
+            if projects is None:
+                cur.execute(
+                    self._q("SELECT seq, record, received_at FROM feedback WHERE seq > ? ORDER BY seq LIMIT ?"),
+                    (watermark, limit),
+                )
+            else:
+                names = sorted(set(projects))
+                if not names:
+                    return []
+                marks = ", ".join("?" * len(names))
+                cur.execute(
+                    self._q(
+                        f"SELECT seq, record, received_at FROM feedback WHERE seq > ? AND project IN ({marks})"
+                        " ORDER BY seq LIMIT ?"
+                    ),
+                    (watermark, *names, limit),
+                )
+            rows = cur.fetchall()
+        finally:
+            conn.rollback()
+        return [StoredRecord(int(seq), pb.FeedbackRecord.FromString(bytes(blob)), float(at)) for seq, blob, at in rows]
+
+    def iter_after(self, watermark: int = 0, projects: Iterable[str] | None = None, page: int = 1000) -> Iterator[StoredRecord]:
+        """Every record with seq > watermark in seq order, read page by page."""
+        mark = watermark
+        names = None if projects is None else list(projects)
+        while True:
+            rows = self.read_after(mark, page, names)
+            if not rows:
+                return
+            yield from rows
+            mark = rows[-1].seq
+
+    def watermark(self) -> int:
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        try:
+            cur.execute("SELECT MAX(seq) FROM feedback")
+            value = cur.fetchone()[0]
+        finally:
+            conn.rollback()
+        return int(value or 0)
+
+    # -- tasks --------------------------------------------------------------
+
+    def add_tasks(self, tasks: Sequence[Task]) -> list[TaskOutcome]:
+        """Publish tasks; a task id that exists already is left as it is (created=False)."""
+        outcomes: list[TaskOutcome] = []
+        conn = self._conn()
+        self._d.begin_write(conn)
+        try:
+            cur = conn.cursor()
+            now = time.time()
+            cur.execute("SELECT COALESCE(MAX(created_order), 0) FROM tasks")
+            order = int(cur.fetchone()[0])
+            for task in tasks:
+                rejection = check_task(task, self.limits)
+                if rejection is not None:
+                    outcomes.append(TaskOutcome(False, rejection))
+                    continue
+                cur.execute(
+                    self._q(
+                        "INSERT INTO tasks (task_id, project, prompt_id, task, annotations_wanted, annotations_done,"
+                        " is_open, created_at, created_order) VALUES (?, ?, ?, ?, ?, 0, 1, ?, ?)"
+                        " ON CONFLICT (task_id) DO NOTHING"
+                    ),
+                    (task.task_id, task.project, task.prompt_id, _task_blob(task), task.annotations_wanted, now, order + 1),
+                )
+                created = cur.rowcount == 1
+                order += int(created)
+                outcomes.append(TaskOutcome(created))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return outcomes
+
+    def get_task(self, task_id: str) -> Task | None:
+        conn = self._conn()
+        try:
+            return self._tasks(conn.cursor(), {task_id}).get(task_id)
+        finally:
+            conn.rollback()
+
+    def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]:
+        """Lease up to max_tasks open tasks the annotator was never handed, oldest first."""
+        conn = self._conn()
+        self._d.begin_write(conn)
+        try:
+            leased = self._lease_locked(conn.cursor(), project, annotator_id, max_tasks, lease_seconds)
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return leased
+
+    def _lease_locked(self, cur: Any, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]:
+        now = time.time()
+        expires = now + lease_seconds
+        leased: list[LeasedTask] = []
+        after = 0  # keyset paging on created_order
+        page = max(4 * max_tasks, 32)
+        while len(leased) < max_tasks:
+            cur.execute(
+                self._q(
+                    "SELECT t.task_id, t.task, t.annotations_wanted, t.annotations_done, t.created_order FROM tasks t"
+                    " WHERE t.project = ? AND t.is_open = 1 AND t.created_order > ?"
+                    " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.task_id AND l.annotator_id = ?)"
+                    " ORDER BY t.created_order LIMIT ?"
+                ),
+                (project, after, annotator_id, page),
+            )
+            rows = cur.fetchall()
+            if not rows:
+                break
+            after = int(rows[-1][4])
+            for task_id, blob, wanted, done, _ in rows:
+                cur.execute(
+                    self._q("SELECT COUNT(*) FROM leases WHERE task_id = ? AND answered = 0 AND expires_at > ?"),
+                    (task_id, now),
+                )
+                if done + cur.fetchone()[0] >= wanted:
+                    continue
+                cur.execute(
+                    self._q("INSERT INTO leases (task_id, annotator_id, expires_at, answered) VALUES (?, ?, ?, 0)"),
+                    (task_id, annotator_id, expires),
+                )
+                leased.append(LeasedTask(_task_from_blob(blob, wanted), expires))
+                if len(leased) >= max_tasks:
+                    break
+        return leased
+
+    # -- stats --------------------------------------------------------------
+
+    def stats(self, projects: Iterable[str] | None = None) -> StoreStats:
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        try:
+            where, args = "", ()
+            if projects is not None:
+                names = sorted(set(projects))
+                if not names:
+                    names = [""]
+                where = f" WHERE project IN ({', '.join('?' * len(names))})"
+                args = tuple(names)
+            cur.execute(self._q("SELECT project, kind, annotator_id, n FROM feedback_counts" + where), args)
+            counts = cur.fetchall()
+            cur.execute(self._q("SELECT COUNT(*) FROM tasks" + (where + " AND" if where else " WHERE") + " is_open = 1"), args)
+            open_tasks = int(cur.fetchone()[0])
+            cur.execute("SELECT MAX(seq) FROM feedback")
+            watermark = int(cur.fetchone()[0] or 0)
+        finally:
+            conn.rollback()
+        by_kind: dict[str, int] = defaultdict(int)
+        by_project: dict[str, int] = defaultdict(int)
+        by_annotator: dict[str, int] = defaultdict(int)
+        for project, kind, annotator, n in counts:
+            by_kind[kind] += int(n)
+            by_project[project] += int(n)
+            by_annotator[annotator] += int(n)
+        return StoreStats(
+            total_records=sum(by_project.values()),
+            by_kind=dict(by_kind),
+            by_project=dict(by_project),
+            by_annotator=dict(by_annotator),
+            watermark=watermark,
+            open_tasks=open_tasks,
+        )
+
+
+def _task_blob(task: Task) -> bytes:
+    return task.to_proto().SerializeToString(deterministic=True)
+
+
+def _task_from_blob(blob: bytes, wanted: int) -> Task:
+    return Task.from_proto(pb.LabelingTask.FromString(bytes(blob)), annotations_wanted=int(wanted))

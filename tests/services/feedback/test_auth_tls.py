@@ -1,0 +1,154 @@
+"""Tokens, project scopes, TLS and mutual TLS; every refused call stores nothing."""
+
+import hashlib
+
+import grpc
+import pytest
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+from services.feedback.auth import TokenAuth, TokensFileError
+from services.feedback.client import Backoff, FeedbackClient, FeedbackClientError
+from tests.services.feedback.certs import make_tls_files
+from tests.services.feedback.conftest import make_task, preference, running_server
+
+TOKENS = """
+tokens:
+  - name: tool-a
+    token: alpha-secret
+    projects: [alpha]
+  - name: ops
+    sha256: {ops_digest}
+    projects: ["*"]
+"""
+
+
+@pytest.fixture
+def tokens_file(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text(TOKENS.format(ops_digest=hashlib.sha256(b"ops-secret").hexdigest()))
+    return path
+
+
+@pytest.fixture
+def authed(store_url, tokens_file):
+    with running_server(store_url, tokens_file=tokens_file) as srv:
+        srv.server.store.add_tasks([make_task("ta", "alpha"), make_task("tb", "beta")])
+        yield srv
+
+
+def stored(server):
+    return server.server.store.stats().total_records
+
+
+def no_retry_client(address, token=None, **kw):
+    return FeedbackClient(address, token, backoff=Backoff(give_up_after_s=0), **kw)
+
+
+def test_no_token_is_unauthenticated_and_stores_nothing(authed):
+    with no_retry_client(authed.address) as client:
+        for call in (lambda: client.submit([preference("x", "ta", "alpha")]),
+                     lambda: client.stream([preference("x", "ta", "alpha")]),
+                     lambda: client.stats(),
+                     lambda: list(client.pull_tasks("alpha", "me"))):
+            with pytest.raises(FeedbackClientError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with no_retry_client(authed.address, "wrong") as client:
+        with pytest.raises(FeedbackClientError) as err:
+            client.submit([preference("x", "ta", "alpha")])
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert stored(authed) == 0
+
+
+def test_out_of_scope_project_is_denied_and_stores_nothing(authed):
+    mixed = [preference("in", "ta", "alpha"), preference("out", "tb", "beta")]
+    with no_retry_client(authed.address, "alpha-secret") as client:
+        with pytest.raises(FeedbackClientError) as err:
+            client.submit(mixed)
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(FeedbackClientError) as err:
+            client.stream(mixed)
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(FeedbackClientError) as err:
+            list(client.pull_tasks("beta", "me"))
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(FeedbackClientError) as err:
+            client.stats("beta")
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert stored(authed) == 0
+        # in scope: fine
+        assert [t.task_id for t in client.pull_tasks("alpha", "me")] == ["ta"]
+        assert client.submit([preference("in", "ta", "alpha")])[0].status == pb.RecordResult.STATUS_ACCEPTED
+        assert dict(client.stats().by_project) == {"alpha": 1}
+
+
+def test_wildcard_token_by_digest_sees_every_project(authed):
+    with no_retry_client(authed.address, "ops-secret") as client:
+        client.submit([preference("b1", "tb", "beta")])
+        with no_retry_client(authed.address, "alpha-secret") as alpha:
+            alpha.submit([preference("a1", "ta", "alpha")])
+        assert dict(client.stats().by_project) == {"alpha": 1, "beta": 1}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("tokens: []", "non-empty list"),
+        ("tokens:\n  - token: x\n", "projects"),
+        ("tokens:\n  - token: x\n    sha256: ab\n    projects: [p]\n", "exactly one"),
+        ("tokens:\n  - sha256: nothex\n    projects: [p]\n", "64 hex"),
+        ("tokens:\n  - token: x\n    projects: [p]\n    role: admin\n", "unknown field"),
+    ],
+)
+def test_bad_tokens_files_name_the_entry(tmp_path, text, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(TokensFileError, match=message):
+        TokenAuth.from_file(path)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+def test_tls_serves_clients_that_trust_its_ca(store_url, tls):
+    with running_server(store_url, tls_cert=tls.server.cert, tls_key=tls.server.key) as srv:
+        srv.server.store.add_tasks([make_task()])
+        with FeedbackClient(srv.address, root_certificates=tls.ca.cert) as client:
+            assert client.submit([preference("x")])[0].status == pb.RecordResult.STATUS_ACCEPTED
+        # a client that does not trust the CA, or speaks plaintext, gets nowhere and stores nothing
+        with no_retry_client(srv.address, root_certificates=tls.rogue_ca.cert) as client:
+            with pytest.raises(FeedbackClientError) as err:
+                client.submit([preference("y")])
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        with no_retry_client(srv.address) as client:
+            with pytest.raises(FeedbackClientError):
+                client.submit([preference("z")])
+        assert stored(srv) == 1
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(store_url, tls):
+    with running_server(store_url, tls_cert=tls.server.cert, tls_key=tls.server.key, tls_client_ca=tls.ca.cert) as srv:
+        srv.server.store.add_tasks([make_task()])
+        with FeedbackClient(srv.address, root_certificates=tls.ca.cert, client_cert=tls.client.cert, client_key=tls.client.key) as client:
+            assert client.submit([preference("ok")])[0].status == pb.RecordResult.STATUS_ACCEPTED
+        for extra in ({}, {"client_cert": tls.rogue_client.cert, "client_key": tls.rogue_client.key}):
+            with no_retry_client(srv.address, root_certificates=tls.ca.cert, **extra) as client:
+                with pytest.raises(FeedbackClientError) as err:
+                    client.submit([preference("no")])
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert stored(srv) == 1
+
+
+def test_tls_config_errors_name_the_field(tmp_path):
+    from services.feedback.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="tls_cert, tls_key"):
+        build_config({"tls_cert": tmp_path / "c.pem"})
+    with pytest.raises(ConfigError, match="tls_client_ca"):
+        build_config({"tls_client_ca": tmp_path / "ca.pem"})
+    with pytest.raises(ConfigError, match="port"):
+        build_config({"port": 70000})
+    with pytest.raises(ConfigError, match="unknown_key"):
+        build_config({"unknown_key": 1})

@@ -1,0 +1,1 @@
+"""The generation server: the current policy behind Ray Serve (batched, versioned)."""

@@ -1,0 +1,173 @@
+"""The policy engine behind the generation server (no Ray here).
+
+`PolicyEngine` holds one copy of the policy, generates for a batch of requests
+and swaps weights in place under a version number. Atomicity: the server holds
+one asyncio lock around every batch and every weight swap, so a request is
+answered wholly by one version, the one its response names.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from rlhf.models import LoraConfig, ModelConfig, load_policy
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request (the handle API; the HTTP routes map onto it)."""
+
+    prompt: str | None = None  # raw text, used as it is
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs: the chat template is applied
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1  # answers per request
+    seed: int | None = None  # fixes the sampling of this request
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if not 1 <= self.n <= 16:
+            raise ValueError(f"n: must lie in [1, 16], got {self.n}")
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    texts: list[str]  # n answers
+    finish_reasons: list[str]  # "stop" (EOS) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    policy_version: int  # the weights that wrote every answer of this result
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """New weights for the served policy: adapters only under LoRA, else the full state dict."""
+
+    version: int
+    tensors: Mapping[str, torch.Tensor]
+    adapters_only: bool
+    created_at: float = field(default_factory=time.time)
+
+
+class StaleWeights(ValueError):
+    """A weight update older than (or equal to) the served version."""
+
+
+class PolicyEngine:
+    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig | None, max_prompt_tokens: int = 512):
+        self.model, self.tokenizer = load_policy(model_cfg, lora)
+        self.model.eval()
+        self.lora = lora is not None and lora.enabled
+        self.max_prompt_tokens = max_prompt_tokens
+        self.version = 0
+
+    # -- weights ----------------------------------------------------------------
+
+    def load_weights(self, update: WeightUpdate) -> int:
+        """Swap weights in place; returns the new version. Callers serialise this with generation."""
+        if update.version <= self.version:
+            raise StaleWeights(f"weights version {update.version} is not newer than the served {self.version}")
+        if update.adapters_only != self.lora:
+            raise ValueError("adapter-only updates need a LoRA policy, full updates a full one")
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, dict(update.tensors))
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected:
+                raise ValueError(f"unexpected adapter tensors: {unexpected[:3]}")
+        else:
+            missing, unexpected = self.model.load_state_dict(dict(update.tensors), strict=False)
+            if unexpected:
+                raise ValueError(f"unexpected tensors: {unexpected[:3]}")
+        self.version = update.version
+        return self.version
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The tensors a weight update carries for this policy (adapters only under LoRA)."""
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # -- generation ---------------------------------------------------------------
+
+    def prompt_text(self, request: GenerateRequest) -> str:
+        if request.messages is None:
+            return request.prompt or ""
+        chat = [{"role": role, "content": content} for role, content in request.messages]
+        return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerateRequest], defaults) -> list[GenerateResult]:
+        """Answer a batch; requests with the same sampling settings share one `generate` call."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (
+                r.max_new_tokens or defaults.max_new_tokens,
+                defaults.temperature if r.temperature is None else r.temperature,
+                r.top_p or defaults.top_p,
+                r.seed,
+            )
+            groups.setdefault(key, []).append(i)
+        results: list[GenerateResult | None] = [None] * len(requests)
+        for (max_new, temperature, top_p, seed), indices in groups.items():
+            for i, result in zip(indices, self._generate_group([requests[i] for i in indices], max_new, temperature, top_p, seed)):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _generate_group(self, requests: Sequence[GenerateRequest], max_new: int, temperature: float, top_p: float, seed: int | None) -> list[GenerateResult]:
+        texts = [self.prompt_text(r) for r in requests for _ in range(r.n)]
+        enc = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=False,
+        )
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        sample = temperature > 0
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        eos = self.tokenizer.eos_token_id
+        answers, reasons, counts = [], [], []
+        for row in new.tolist():
+            cut = row.index(eos) if eos in row else len(row)
+            body = [t for t in row[:cut] if t != self.tokenizer.pad_token_id]
+            answers.append(self.tokenizer.decode(body, skip_special_tokens=True))
+            reasons.append("stop" if cut < len(row) else "length")
+            counts.append(len(body))
+        prompt_lens = enc["attention_mask"].sum(-1).tolist()
+        results, k = [], 0
+        for r in requests:
+            results.append(
+                GenerateResult(
+                    texts=answers[k : k + r.n],
+                    finish_reasons=reasons[k : k + r.n],
+                    prompt_tokens=int(prompt_lens[k]),
+                    completion_tokens=int(sum(counts[k : k + r.n])),
+                    policy_version=self.version,
+                )
+            )
+            k += r.n
+        return results

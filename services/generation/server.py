@@ -1,0 +1,291 @@
+"""The generation server: a Ray Serve deployment over the current policy.
+
+    handle = start_generation_server(model_cfg, lora_cfg, gen_cfg)   # [1] Serve app
+    result = handle.generate.remote(GenerateRequest(prompt="Hi")).result()
+    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+[1] Serve runs `replicas` copies of `GenerationServer`; concurrent requests to
+    one replica are batched by `serve.batch` (up to `max_batch_size`, waiting
+    at most `batch_wait_timeout_s`).
+[2] Weights: the trainer side publishes (version, ObjectRef of tensors) to the
+    named `WeightBroadcaster` actor. Every replica long-polls it, fetches the
+    tensors from the object store and swaps them in under its batch lock, then
+    reports the version back; `publish_weights` returns once every replica
+    serves the new version. Under LoRA only adapter tensors travel.
+[3] Atomicity: one asyncio lock covers each batch and each swap, so every
+    answer is written by exactly the version it reports in `policy_version`.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route signatures at runtime
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import ray
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from rlhf.models import LoraConfig, ModelConfig
+from services.generation.config import GenerationConfig
+from services.generation.engine import GenerateRequest, GenerateResult, PolicyEngine, StaleWeights, WeightUpdate
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "hitl-generation"
+BROADCASTER_NAME = "hitl-weight-broadcaster"
+
+
+# -- weight broadcast ([2]) ---------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class WeightBroadcaster:
+    """Holds the newest published weights; replicas long-poll it."""
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._ref: "list[Any] | None" = None  # [ObjectRef]: wrapped so Ray does not resolve it
+        self._adapters_only = False
+        self._changed = asyncio.Event()
+        self._applied: dict[str, int] = {}
+        self._applied_changed = asyncio.Condition()
+
+    async def publish(self, version: int, wrapped_ref: list, adapters_only: bool) -> None:
+        if version <= self._version:
+            raise StaleWeights(f"version {version} is not newer than {self._version}")
+        self._version, self._ref, self._adapters_only = version, wrapped_ref, adapters_only
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_newer(self, version: int, timeout_s: float) -> tuple[int, list | None, bool]:
+        """The newest (version, [ref], adapters_only) once it is newer than `version`."""
+        if self._version <= version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        if self._version <= version:
+            return version, None, False
+        return self._version, self._ref, self._adapters_only
+
+    async def applied(self, replica: str, version: int) -> None:
+        self._applied[replica] = version
+        async with self._applied_changed:
+            self._applied_changed.notify_all()
+
+    async def wait_applied(self, version: int, replicas: int, timeout_s: float) -> int:
+        """Wait until `replicas` replicas serve `version` (or newer); returns how many do."""
+
+        def count() -> int:
+            return sum(1 for v in self._applied.values() if v >= version)
+
+        async with self._applied_changed:
+            try:
+                await asyncio.wait_for(self._applied_changed.wait_for(lambda: count() >= replicas), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return count()
+
+    async def versions(self) -> dict[str, int]:
+        return dict(self._applied)
+
+    async def forget(self, replica: str) -> None:
+        self._applied.pop(replica, None)
+
+
+def get_broadcaster(namespace: str | None = None):
+    return WeightBroadcaster.options(name=BROADCASTER_NAME, namespace=namespace, get_if_exists=True).remote()
+
+
+# -- OpenAI-compatible request bodies ------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+app = FastAPI(title="hitl generation server")
+
+
+@serve.deployment(name="GenerationServer")
+@serve.ingress(app)
+class GenerationServer:
+    def __init__(self, model_cfg: dict, lora_cfg: dict | None, gen_cfg: dict, broadcaster_namespace: str | None = None):
+        self.cfg = GenerationConfig(**gen_cfg)
+        lora = LoraConfig(**lora_cfg) if lora_cfg else None
+        self.engine = PolicyEngine(ModelConfig(**model_cfg), lora, self.cfg.max_prompt_tokens)
+        self.model_name = model_cfg.get("path") or model_cfg.get("source", "policy")
+        self._lock = asyncio.Lock()
+        self._batched.set_max_batch_size(self.cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._replica = uuid.uuid4().hex[:8]
+        self._requests = 0
+        self._batches = 0
+        self._broadcaster = get_broadcaster(broadcaster_namespace)
+        self._poller = asyncio.get_running_loop().create_task(self._follow_weights())
+
+    # -- handle API ---------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Answer one request (batched with concurrent ones)."""
+        return await self._batched(request)
+
+    async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Answer several requests as one batch (same version for all)."""
+        async with self._lock:
+            return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
+
+    async def policy_version(self) -> int:
+        return self.engine.version
+
+    async def stats(self) -> dict:
+        """This replica's counters: requests and batches served, and its version."""
+        return {"replica": self._replica, "requests": self._requests, "batches": self._batches, "policy_version": self.engine.version}
+
+    async def update_weights(self, update: WeightUpdate) -> int:
+        """Swap weights on this replica (tests and single-replica use; clusters use the broadcaster)."""
+        async with self._lock:
+            return await asyncio.to_thread(self.engine.load_weights, update)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _batched(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        async with self._lock:  # [3]
+            self._batches += 1
+            self._requests += len(requests)
+            return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
+
+    async def _follow_weights(self) -> None:
+        await self._broadcaster.applied.remote(self._replica, self.engine.version)
+        while True:
+            try:
+                version, wrapped, adapters_only = await self._broadcaster.wait_newer.remote(self.engine.version, 30.0)
+                if wrapped is None:
+                    continue
+                tensors = await wrapped[0]
+                async with self._lock:
+                    await asyncio.to_thread(self.engine.load_weights, WeightUpdate(version, tensors, adapters_only))
+                await self._broadcaster.applied.remote(self._replica, version)
+            except asyncio.CancelledError:
+                raise
+            except StaleWeights:
+                continue
+            except Exception:  # noqa: BLE001 - keep serving the old version; try again
+                log.exception("weight update failed on replica %s", self._replica)
+                await asyncio.sleep(1.0)
+
+    def __del__(self) -> None:
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+
+    # -- HTTP (OpenAI-compatible) ---------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionBody) -> dict:
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if not prompts:
+            raise HTTPException(400, "prompt: must not be empty")
+        requests = [GenerateRequest(prompt=p, max_new_tokens=body.max_tokens, temperature=body.temperature,
+                                    top_p=body.top_p, n=body.n, seed=body.seed) for p in prompts]
+        results = await self._answer(requests)
+        choices = [
+            {"index": i * body.n + j, "text": text, "finish_reason": reason, "logprobs": None}
+            for i, r in enumerate(results)
+            for j, (text, reason) in enumerate(zip(r.texts, r.finish_reasons))
+        ]
+        return self._envelope("text_completion", choices, results)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatBody) -> dict:
+        request = GenerateRequest(messages=tuple((m.role, m.content) for m in body.messages), max_new_tokens=body.max_tokens,
+                                  temperature=body.temperature, top_p=body.top_p, n=body.n, seed=body.seed)
+        [result] = await self._answer([request])
+        choices = [
+            {"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            for j, (text, reason) in enumerate(zip(result.texts, result.finish_reasons))
+        ]
+        return self._envelope("chat.completion", choices, [result])
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": str(self.model_name), "object": "model", "policy_version": self.engine.version}]}
+
+    async def _answer(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        if len(requests) == 1:
+            return [await self._batched(requests[0])]
+        return await self.generate_many(requests)
+
+    def _envelope(self, kind: str, choices: list[dict], results: list[GenerateResult]) -> dict:
+        versions = {r.policy_version for r in results}
+        prompt = sum(r.prompt_tokens for r in results)
+        completion = sum(r.completion_tokens for r in results)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": str(self.model_name),
+            "policy_version": versions.pop(),  # one batch, one version
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        }
+
+
+# -- starting it and pushing weights ----------------------------------------------------
+
+
+def build_app(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, broadcaster_namespace: str | None = None):
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if cfg.resources:
+        options["resources"] = dict(cfg.resources)
+    deployment = GenerationServer.options(
+        num_replicas=cfg.replicas, ray_actor_options=options, max_ongoing_requests=cfg.max_ongoing_requests
+    )
+    return deployment.bind(
+        model_cfg.model_dump(mode="json"),
+        lora_cfg.model_dump(mode="json") if lora_cfg else None,
+        cfg.model_dump(mode="json"),
+        broadcaster_namespace,
+    )
+
+
+def start_generation_server(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, http: bool = True):
+    """Deploy the server on the connected Ray cluster; returns its DeploymentHandle."""
+    if http:
+        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    get_broadcaster()
+    return serve.run(build_app(model_cfg, lora_cfg, cfg), name=APP_NAME, route_prefix=cfg.route_prefix if http else None)
+
+
+def publish_weights(version: int, tensors: dict, adapters_only: bool, replicas: int, timeout_s: float = 300.0) -> float:
+    """Send new weights to every replica; returns the seconds until all of them serve `version`."""
+    started = time.perf_counter()
+    broadcaster = get_broadcaster()
+    ref = ray.put(tensors)
+    ray.get(broadcaster.publish.remote(version, [ref], adapters_only))
+    done = ray.get(broadcaster.wait_applied.remote(version, replicas, timeout_s))
+    if done < replicas:
+        raise TimeoutError(f"only {done} of {replicas} replicas took weights version {version} within {timeout_s:g}s")
+    return time.perf_counter() - started

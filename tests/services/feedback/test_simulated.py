@@ -1,0 +1,66 @@
+"""Simulated annotators over real gRPC, and the rule-based judges they use."""
+
+import random
+
+import pytest
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+from rlhf.judges import Judge, JudgeConfig, positivity, win_rate
+from services.feedback.client import FeedbackClient
+from services.feedback.records import Task
+from services.feedback.simulated import AnnotatorConfig, SimulatedAnnotator
+
+
+def test_rules():
+    pos = Judge(JudgeConfig(rule="positive"))
+    assert pos.compare("", "What a wonderful, happy day!", "This is awful and sad.") == "a"
+    assert positivity("") == 0.0
+    concise = Judge(JudgeConfig(rule="concise"))
+    assert concise.compare("", "Yes.", "Well, it depends on many things.") == "a"
+    assert concise.compare("", "", "Yes.") == "b"  # empty answers lose
+    fmt = Judge(JudgeConfig(rule="format"))
+    assert fmt.compare("", "- one\n- two", "one, two") == "a"
+    assert fmt.compare("", "one", "two") == "tie"
+    assert win_rate(concise, ["p"] * 4, ["a", "a b", "a", "a b c"], ["a b", "a", "a", "a b"]) == pytest.approx(0.375)
+
+
+def test_noise_rate_is_respected():
+    judge = Judge(JudgeConfig(rule="concise"))
+    rng = random.Random(0)
+    verdicts = [judge.noisy_compare("", "short", "a much longer answer", 0.4, rng) for _ in range(4000)]
+    agree = verdicts.count("a") / len(verdicts)
+    assert agree == pytest.approx(1 - 0.4 / 2, abs=0.03)
+
+
+def make_tasks(n):
+    tasks = []
+    for i in range(n):
+        good, bad = "I love this, it is wonderful!", "I hate this, it is awful."
+        a, b = (good, bad) if i % 2 else (bad, good)
+        tasks.append(Task(f"t{i}", "demo", f"p{i}", f"How was day {i}?",
+                          (pb.Candidate(candidate_id="x", text=a), pb.Candidate(candidate_id="y", text=b)), annotations_wanted=2))
+    return tasks
+
+
+def test_annotators_label_everything_over_grpc(server):
+    server.server.store.add_tasks(make_tasks(30))
+    clean = SimulatedAnnotator(AnnotatorConfig(annotator_id="clean", noise=0.0, batch=7), FeedbackClient(server.address), "demo")
+    noisy = SimulatedAnnotator(AnnotatorConfig(annotator_id="noisy", noise=1.0, seed=1), FeedbackClient(server.address), "demo")
+    while clean.run_once() or noisy.run_once():
+        pass
+    assert clean.stats.judged == 30 and noisy.stats.judged == 30
+    assert clean.stats.rejected == 0 and noisy.stats.rejected == 0
+    stored = [s.record for s in server.server.store.iter_after(0)]
+    assert len(stored) == 60
+    right = {r.task_id: ("x" if int(r.task_id[1:]) % 2 else "y") for r in stored}
+
+    def accuracy(who):
+        recs = [r for r in stored if r.annotator_id == who]
+        picked = ["x" if r.preference.choice == pb.Preference.CHOICE_A else "y" for r in recs]
+        return sum(p == right[r.task_id] for p, r in zip(picked, recs)) / len(recs)
+
+    assert accuracy("clean") == 1.0
+    assert 0.2 < accuracy("noisy") < 0.8  # coin flips
+    assert server.server.store.stats().open_tasks == 0
+    # nothing left to judge, and a resubmission is idempotent
+    assert clean.run_once() == 0

@@ -35,6 +35,35 @@ def main(verbose: bool) -> None:
     )
 
 
+@main.command()
+@click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue the stopped run in this directory (its config.json is used).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Where reports and checkpoints go (default: coordinator.run_dir).")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Override coordinator.rounds.")
+def run(config: str | None, resume_dir: str | None, run_dir: str | None, rounds: int | None) -> None:
+    """Run the loop: rounds of feedback, reward model, PPO and serving."""
+    from actors.config import RunConfig
+    from actors.coordinator import Coordinator
+    from rlhf.config import ConfigError as RunConfigError
+    from rlhf.config import load_config
+
+    if (config is None) == (resume_dir is None):
+        _fail("give a CONFIG file or --resume RUN_DIR (one of them)")
+    try:
+        path = Path(resume_dir) / "config.json" if resume_dir else Path(config)
+        cfg = load_config(path, RunConfig)
+        if rounds is not None:
+            cfg = RunConfig.model_validate({**cfg.model_dump(), "coordinator": {**cfg.coordinator.model_dump(), "rounds": rounds}})
+    except (RunConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+    directory = Path(resume_dir or run_dir or cfg.coordinator.run_dir)
+    reports = Coordinator(cfg, directory, resume=resume_dir is not None).run()
+    final = reports[-1] if reports else None
+    if final is not None:
+        click.echo(json.dumps({"run_dir": str(directory), "rounds": len(reports), "win_rate": final.win_rate, "kl": final.kl, "reward": final.reward}))
+
+
 @main.group()
 def feedback() -> None:
     """The feedback ingestion service and its data."""

@@ -1,0 +1,155 @@
+"""The run configuration: the RLHF core's sections plus where and how the loop runs.
+
+`configs/<profile>.yaml` files are `RunConfig`s: the sections of `rlhf.config.RLHFConfig`
+(model, lora, critic, reward, ppo, deepspeed, data) and, for the loop on Ray, `cluster`,
+`feedback`, `generation`, `coordinator` and `annotators`. Each section is its own model;
+a wrong key names its dotted path at load, before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rlhf.config import RLHFConfig
+from services.feedback.config import FeedbackServiceConfig
+from services.feedback.simulated import AnnotatorConfig
+from services.generation.config import GenerationConfig
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+class RoleResources(BaseModel):
+    """What one process of a role reserves on the cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs per process."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per process."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per process (e.g. a node label such as {"trainer_node": 1})."""
+
+
+class TrainerGroupConfig(RoleResources):
+    """The PPO trainer group: N workers, one torch.distributed group."""
+
+    workers: int = Field(2, ge=1)
+    """Number of trainer processes (ranks)."""
+    strategy: PlacementStrategy = "PACK"
+    """How the workers' bundles are placed: PACK fills nodes, SPREAD spreads them."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto picks NCCL with GPUs, gloo otherwise."""
+
+
+class ClusterConfig(BaseModel):
+    """Where the loop runs and what each role reserves (decided in one place: actors/placement.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = None
+    """Ray address to join ("auto" for the cluster this process runs in); None starts a local Ray."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Local Ray only: logical CPUs to declare (None: what the machine has)."""
+    namespace: str = "hitl"
+    """Ray namespace of the run's named actors."""
+    trainer: TrainerGroupConfig = Field(default_factory=TrainerGroupConfig)
+    reward_model: RoleResources = Field(default_factory=RoleResources)
+    coordinator: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    feedback: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    colocate_reward_with_trainer: bool = False
+    """Put the reward model in the trainer group's placement group (same nodes)."""
+
+
+class FeedbackSection(BaseModel):
+    """Where the feedback service is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["embedded", "external"] = "embedded"
+    """``embedded``: the coordinator starts the service in a Ray actor; ``external``: use `address`."""
+    address: str | None = None
+    """``external`` only: host:port of a running service."""
+    token: str | None = None
+    """Bearer token the loop (and simulated annotators) use."""
+    service: FeedbackServiceConfig = Field(default_factory=lambda: FeedbackServiceConfig(port=0, metrics_port=None))
+    """``embedded`` only: how the service runs; its `store` is the store the coordinator reads."""
+    project: str = "default"
+    """Project the loop publishes tasks to and reads feedback from."""
+
+    @model_validator(mode="after")
+    def _address(self) -> "FeedbackSection":
+        if self.mode == "external" and not self.address:
+            raise ValueError("address: required when mode is 'external'")
+        return self
+
+
+class CoordinatorConfig(BaseModel):
+    """How rounds run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: int = Field(3, ge=1)
+    """Rounds to run."""
+    tasks_per_round: int = Field(32, ge=1)
+    """Labeling tasks (a prompt and two answers of the current policy) published per round."""
+    annotations_per_task: int = Field(1, ge=1)
+    """Annotators who judge each task (k); never the same annotator twice."""
+    min_feedback_per_round: int = Field(24, ge=1)
+    """New preference records needed before the reward model is updated."""
+    feedback_timeout_s: float = Field(600.0, gt=0)
+    """Longest wait for that feedback; the round goes on with what arrived (at least one record)."""
+    ppo_iterations_per_round: int = Field(4, ge=0)
+    """PPO iterations after each reward-model update."""
+    eval_prompts: int = Field(16, ge=1)
+    """Held-out prompts scored each round (win rate against the initial policy)."""
+    eval_max_new_tokens: int = Field(48, ge=1)
+    """Answer length in evaluation."""
+    task_temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature of the two answers of a labeling task."""
+    run_dir: Path = Path("runs/latest")
+    """Where reports, plots and checkpoints go."""
+    progress: bool = True
+    """Show a live progress line."""
+
+
+class AnnotatorsSection(BaseModel):
+    """Simulated annotators (for unattended runs and tests)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    annotators: tuple[AnnotatorConfig, ...] = (
+        AnnotatorConfig(annotator_id="sim-1", noise=0.05, seed=1),
+        AnnotatorConfig(annotator_id="sim-2", noise=0.15, seed=2),
+        AnnotatorConfig(annotator_id="sim-3", noise=0.3, seed=3),
+    )
+    """Each with its own rule and noise; the first one's rule judges the evaluation."""
+
+
+class RunConfig(RLHFConfig):
+    """A whole run of the loop: the RLHF core plus cluster, services and rounds."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    feedback: FeedbackSection = Field(default_factory=FeedbackSection)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    annotators: AnnotatorsSection = Field(default_factory=AnnotatorsSection)
+
+    @model_validator(mode="after")
+    def _check_run(self) -> "RunConfig":
+        if self.ppo.rollout_batch_size % self.cluster.trainer.workers:
+            raise ValueError(
+                f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must divide by cluster.trainer.workers "
+                f"({self.cluster.trainer.workers})"
+            )
+        c = self.coordinator
+        if c.min_feedback_per_round > c.tasks_per_round * c.annotations_per_task:
+            raise ValueError(
+                f"coordinator.min_feedback_per_round ({c.min_feedback_per_round}) is more than tasks_per_round x "
+                f"annotations_per_task ({c.tasks_per_round} x {c.annotations_per_task}) can ever yield"
+            )
+        return self

@@ -1,0 +1,388 @@
+"""The coordinator: runs the rounds of the loop.
+
+    hitl run configs/local.yaml                # a new run
+    hitl run --resume runs/latest              # continue a stopped run from its last checkpoint
+
+One round, top-down (each step a method below):
+  publish tasks (two answers of the current policy per prompt) → wait for enough new
+  feedback → curate → update the reward model → PPO iterations → push the weights to the
+  generation server → evaluate on held-out prompts → checkpoint (the feedback watermark
+  included, so a resumed run neither reuses nor skips a record).
+
+Ray enters at: [1] `ray.init` (local cluster or an address), [2] the feedback service
+actor, [3] the generation server (Ray Serve), [4] the reward-model actor, [5] the PPO
+trainer group (placement group, torch.distributed), [6] weight broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.config import RunConfig
+from actors.curation import curate
+from hitl.feedback.v1 import feedback_pb2 as pb
+from rlhf.judges import Judge, win_rate
+from rlhf.prompts import load_prompts, split_prompts
+from services.feedback.records import Task
+
+log = logging.getLogger(__name__)
+
+STAGES = ("publish", "feedback", "curate", "reward_model", "ppo", "push_weights", "evaluate", "checkpoint")
+
+
+@dataclass
+class RoundReport:
+    round: int
+    policy_version: int
+    watermark_from: int
+    watermark_to: int
+    feedback: dict[str, int]
+    reward_model: dict[str, Any]
+    ppo: list[dict[str, float]]
+    reward: float | None  # mean reward-model score of the round's last PPO rollouts
+    kl: float | None  # KL to the reference of those rollouts (per sequence)
+    win_rate: float  # final policy vs the initial one on held-out prompts, by the rule without noise
+    stage_seconds: dict[str, float]
+    annotators: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the trainer's and the reward model's own files."""
+
+    next_round: int = 0
+    watermark: int = 0
+    policy_version: int = 0
+    initial_eval_answers: list[str] = field(default_factory=list)
+    reports: list[dict] = field(default_factory=list)
+
+
+class Progress:
+    """One live line (or plain lines when not on a terminal)."""
+
+    def __init__(self, enabled: bool, rounds: int):
+        self.enabled = enabled
+        self.rounds = rounds
+        self.fields: dict[str, str] = {}
+        self.tty = sys.stderr.isatty()
+
+    def update(self, **values: Any) -> None:
+        self.fields.update({k: (f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in values.items()})
+        if not self.enabled:
+            return
+        line = " | ".join(f"{k} {v}" for k, v in self.fields.items())
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line)
+            sys.stderr.flush()
+        elif "stage" in values:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.coordinator.run_dir)
+        self.resume = resume
+        self.state = RunState()
+        self.progress = Progress(cfg.coordinator.progress, cfg.coordinator.rounds)
+        self._annotator_stop = threading.Event()
+        self._annotator_threads: list[threading.Thread] = []
+        self._annotators: list = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def run(self) -> list[RoundReport]:
+        self._prepare_run_dir()
+        self._start()
+        try:
+            if self.resume:
+                self._restore()
+            else:
+                self._initial_eval()
+            reports = []
+            for r in range(self.state.next_round, self.cfg.coordinator.rounds):
+                reports.append(self.round(r))
+            return reports
+        finally:
+            self.progress.close()
+            self.shutdown()
+
+    def _prepare_run_dir(self) -> None:
+        if self.resume:
+            if not (self.run_dir / "config.json").exists():
+                raise FileNotFoundError(f"{self.run_dir}: not a run directory (no config.json)")
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+
+    def _start(self) -> None:
+        import ray
+
+        from actors.placement import Placement
+        from actors.reward_model import RewardModelActor
+        from actors.trainer_group import PPOTrainerGroup
+        from services.feedback.store import open_store
+
+        c = self.cfg.cluster
+        if not ray.is_initialized():  # [1]
+            ray.init(address=c.address, num_cpus=c.num_cpus if c.address is None else None, namespace=c.namespace,
+                     include_dashboard=False, log_to_driver=False)
+        self.placement = Placement(c)
+        self.progress.update(round=f"0/{self.cfg.coordinator.rounds}", stage="starting")
+        self.store = open_store(self.cfg.feedback.service.store)
+        self.feedback_address = self._start_feedback()  # [2]
+        self.generation = self._start_generation()  # [3]
+        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.model_dump_json())  # [4]
+        self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model)  # [5]
+        prompts = load_prompts(self.cfg.data)
+        split = split_prompts(prompts, self.cfg.data.validation_fraction, self.cfg.data.split_seed)
+        self.train_prompts = list(split.train)
+        self.eval_prompts = list(split.evaluation)[: self.cfg.coordinator.eval_prompts] or self.train_prompts[: self.cfg.coordinator.eval_prompts]
+        self.judge = Judge(self.cfg.annotators.annotators[0].judge) if self.cfg.annotators.annotators else None
+        self._start_annotators()
+
+    def _start_feedback(self) -> str:
+        f = self.cfg.feedback
+        if f.mode == "external":
+            return f.address  # type: ignore[return-value]
+        from actors.feedback_host import FeedbackServiceActor
+
+        self.feedback_actor = FeedbackServiceActor.options(**self.placement.feedback_options()).remote()
+        import ray
+
+        return ray.get(self.feedback_actor.start.remote(f.service.model_dump_json()))
+
+    def _start_generation(self):
+        from services.generation.server import start_generation_server
+
+        return start_generation_server(self.cfg.model, self.cfg.lora, self.cfg.generation, http=True)
+
+    def _start_annotators(self) -> None:
+        if not self.cfg.annotators.enabled:
+            return
+        from services.feedback.client import FeedbackClient
+        from services.feedback.simulated import SimulatedAnnotator
+
+        for a in self.cfg.annotators.annotators:
+            annotator = SimulatedAnnotator(a, FeedbackClient(self.feedback_address, self.cfg.feedback.token), self.cfg.feedback.project)
+            thread = threading.Thread(target=annotator.run, args=(self._annotator_stop,), name=f"annotator-{a.annotator_id}", daemon=True)
+            thread.start()
+            self._annotators.append(annotator)
+            self._annotator_threads.append(thread)
+
+    def shutdown(self) -> None:
+        self._annotator_stop.set()
+        for t in self._annotator_threads:
+            t.join(10)
+        try:
+            import ray
+            from ray import serve
+
+            if hasattr(self, "trainers"):
+                self.trainers.shutdown()
+            if hasattr(self, "feedback_actor"):
+                ray.get(self.feedback_actor.stop.remote(), timeout=30)
+            serve.delete("hitl-generation")
+            self.placement.release()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.exception("shutdown")
+        if hasattr(self, "store"):
+            self.store.close()
+
+    # -- one round --------------------------------------------------------------------
+
+    def round(self, r: int) -> RoundReport:
+        times: dict[str, float] = {}
+        total = self.cfg.coordinator.rounds
+        self.progress.update(round=f"{r + 1}/{total}")
+
+        def stage(name: str, fn, *args):
+            self.progress.update(stage=name)
+            started = time.perf_counter()
+            result = fn(*args)
+            times[name] = round(time.perf_counter() - started, 3)
+            return result
+
+        stage("publish", self.publish_tasks, r)
+        records = stage("feedback", self.wait_for_feedback)
+        curated = stage("curate", self.curate, records)
+        rm_report = stage("reward_model", self.update_reward_model, curated.items)
+        ppo = stage("ppo", self.ppo_iterations, r)
+        stage("push_weights", self.push_weights)
+        rate = stage("evaluate", self.evaluate)
+        report = RoundReport(
+            round=r,
+            policy_version=self.state.policy_version,
+            watermark_from=self.state.watermark,
+            watermark_to=records[-1].seq if records else self.state.watermark,
+            feedback=dict(curated.counts),
+            reward_model=rm_report,
+            ppo=ppo,
+            reward=ppo[-1].get("reward") if ppo else None,
+            kl=ppo[-1].get("kl") if ppo else None,
+            win_rate=rate,
+            stage_seconds=times,
+            annotators={a.cfg.annotator_id: asdict(a.stats) for a in self._annotators},
+        )
+        self.state.watermark = report.watermark_to
+        self.state.next_round = r + 1
+        self.state.reports.append(asdict(report))
+        stage("checkpoint", self.checkpoint, r)
+        report.stage_seconds = times
+        self.state.reports[-1] = asdict(report)
+        self._write_reports()
+        self.progress.update(reward=report.reward or 0.0, kl=report.kl or 0.0, win_rate=rate, stage="done")
+        return report
+
+    def publish_tasks(self, r: int) -> int:
+        c = self.cfg.coordinator
+        from services.generation.engine import GenerateRequest
+
+        prompts = [self.train_prompts[(r * c.tasks_per_round + i) % len(self.train_prompts)] for i in range(c.tasks_per_round)]
+        requests = [GenerateRequest(prompt=None, messages=(("user", p),), n=2, temperature=c.task_temperature,
+                                    max_new_tokens=self.cfg.ppo.max_new_tokens, seed=r * 100_003 + i) for i, p in enumerate(prompts)]
+        results = self._generate(requests)
+        tasks = []
+        for i, (prompt, res) in enumerate(zip(prompts, results)):
+            task_id = f"r{r}-t{i}"
+            tasks.append(Task(
+                task_id=task_id, project=self.cfg.feedback.project, prompt_id=_prompt_id(prompt), prompt=prompt,
+                candidates=tuple(pb.Candidate(candidate_id=f"{task_id}-{j}", text=t if t.strip() else "(no answer)",
+                                              policy_version=res.policy_version) for j, t in enumerate(res.texts)),
+                annotations_wanted=c.annotations_per_task,
+            ))
+        outcomes = self.store.add_tasks(tasks)
+        bad = [o.rejection for o in outcomes if o.rejection]
+        if bad:
+            raise RuntimeError(f"publishing tasks failed: {bad[0].field}: {bad[0].reason}")
+        return len(tasks)
+
+    def _generate(self, requests: list) -> list:
+        size = self.cfg.generation.max_batch_size
+        out = []
+        for start in range(0, len(requests), size):
+            out.extend(self.generation.generate_many.remote(requests[start : start + size]).result())
+        return out
+
+    def wait_for_feedback(self) -> list:
+        c = self.cfg.coordinator
+        deadline = time.monotonic() + c.feedback_timeout_s
+        while True:
+            records = self.store.read_after(self.state.watermark, limit=100_000, projects=[self.cfg.feedback.project])
+            useful = sum(1 for s in records if s.record.WhichOneof("judgement") in ("preference", "ranking"))
+            self.progress.update(feedback=f"{useful}/{c.min_feedback_per_round}")
+            if useful >= c.min_feedback_per_round or (time.monotonic() > deadline and useful > 0):
+                return records
+            if time.monotonic() > deadline + c.feedback_timeout_s:
+                raise TimeoutError(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
+            time.sleep(0.2)
+
+    def curate(self, records: list):
+        return curate(records, self.store.get_task)
+
+    def update_reward_model(self, items: list) -> dict:
+        import ray
+
+        if not items:
+            return {"skipped": "no usable records"}
+        return ray.get(self.reward_model.train.remote(items))
+
+    def ppo_iterations(self, r: int) -> list[dict[str, float]]:
+        c, p = self.cfg.coordinator, self.cfg.ppo
+        metrics = []
+        for it in range(c.ppo_iterations_per_round):
+            k = (r * c.ppo_iterations_per_round + it) * p.rollout_batch_size
+            batch = [self.train_prompts[(k + i) % len(self.train_prompts)] for i in range(p.rollout_batch_size)]
+            m = self.trainers.step(batch)
+            metrics.append(m)
+            self.progress.update(ppo=f"{it + 1}/{c.ppo_iterations_per_round}", reward=m.get("reward", 0.0), kl=m.get("kl", 0.0))
+        return metrics
+
+    def push_weights(self) -> float:
+        from services.generation.server import publish_weights
+
+        exported = self.trainers.export_weights()
+        self.state.policy_version += 1
+        return publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
+
+    def _eval_answers(self) -> list[str]:
+        from services.generation.engine import GenerateRequest
+
+        requests = [GenerateRequest(messages=(("user", p),), temperature=0.0, max_new_tokens=self.cfg.coordinator.eval_max_new_tokens)
+                    for p in self.eval_prompts]
+        return [r.texts[0] for r in self._generate(requests)]
+
+    def _initial_eval(self) -> None:
+        self.state.initial_eval_answers = self._eval_answers()
+
+    def evaluate(self) -> float:
+        if self.judge is None:
+            return float("nan")
+        answers = self._eval_answers()
+        return win_rate(self.judge, self.eval_prompts, answers, self.state.initial_eval_answers)
+
+    # -- checkpoints and reports ------------------------------------------------------
+
+    def checkpoint(self, r: int) -> Path:
+        import ray
+
+        final = self.run_dir / "checkpoints" / f"round-{r:04d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.trainers.save_checkpoint(str(tmp / "trainer"))
+        ray.get(self.reward_model.save.remote(str(tmp / "reward_model")))
+        (tmp / "state.json").write_text(json.dumps(asdict(self.state), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint is whole or absent
+        (self.run_dir / "checkpoints" / "LATEST").write_text(final.name + "\n")
+        return final
+
+    def _restore(self) -> None:
+        import ray
+
+        from services.generation.server import publish_weights
+
+        latest = self.run_dir / "checkpoints" / "LATEST"
+        if not latest.exists():
+            self._initial_eval()
+            return
+        ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
+        self.state = RunState(**json.loads((ckpt / "state.json").read_text()))
+        self.trainers.load_checkpoint(str(ckpt / "trainer"))
+        ray.get(self.reward_model.load.remote(str(ckpt / "reward_model")))
+        if self.state.policy_version:
+            exported = self.trainers.export_weights()
+            publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
+        log.info("resumed from %s: next round %d, watermark %d", ckpt, self.state.next_round, self.state.watermark)
+
+    def _write_reports(self) -> None:
+        reports_dir = self.run_dir / "reports"
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        for rep in self.state.reports:
+            (reports_dir / f"round-{rep['round']:04d}.json").write_text(json.dumps(rep, indent=2))
+        (self.run_dir / "report.json").write_text(json.dumps({"rounds": self.state.reports}, indent=2))
+        try:
+            from actors.report import plot_rounds
+
+            plot_rounds(self.state.reports, self.run_dir / "report.png")
+        except Exception:  # noqa: BLE001 - a missing plot must not stop the run
+            log.exception("plotting the report failed")
+
+
+def _prompt_id(prompt: str) -> str:
+    import hashlib
+
+    return "p-" + hashlib.sha256(prompt.encode()).hexdigest()[:16]

@@ -110,6 +110,8 @@ class CoordinatorConfig(BaseModel):
     """Answer length in evaluation."""
     task_temperature: float = Field(1.0, ge=0.0)
     """Sampling temperature of the two answers of a labeling task."""
+    max_recoveries: int = Field(3, ge=0)
+    """Rounds restarted from the last checkpoint after a lost actor, before the run gives up."""
     run_dir: Path = Path("runs/latest")
     """Where reports, plots and checkpoints go."""
     progress: bool = True

@@ -111,13 +111,42 @@ class Coordinator:
                 self._restore()
             else:
                 self._initial_eval()
-            reports = []
-            for r in range(self.state.next_round, self.cfg.coordinator.rounds):
-                reports.append(self.round(r))
-            return reports
+            return self._rounds()
         finally:
             self.progress.close()
             self.shutdown()
+
+    def _rounds(self) -> list[RoundReport]:
+        """Run the remaining rounds; a lost actor restarts the round from the last checkpoint."""
+        import ray
+
+        reports: list[RoundReport] = []
+        failures = 0
+        while self.state.next_round < self.cfg.coordinator.rounds:
+            try:
+                reports.append(self.round(self.state.next_round))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                failures += 1
+                if failures > self.cfg.coordinator.max_recoveries:
+                    raise
+                log.warning("round %d lost an actor (%s); recovering from the last checkpoint", self.state.next_round, err)
+                self.progress.update(stage="recovering")
+                self._recover()
+        return reports
+
+    def _recover(self) -> None:
+        """Replace the trainer group and the reward model, then restore the last checkpoint."""
+        import ray
+
+        from actors.reward_model import RewardModelActor
+        from actors.trainer_group import PPOTrainerGroup
+
+        self.trainers.shutdown()
+        ray.kill(self.reward_model)
+        self.placement.release()
+        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.model_dump_json())
+        self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model)
+        self._restore()
 
     def _prepare_run_dir(self) -> None:
         if self.resume:
@@ -356,17 +385,23 @@ class Coordinator:
         from services.generation.server import publish_weights
 
         latest = self.run_dir / "checkpoints" / "LATEST"
-        if not latest.exists():
-            self._initial_eval()
-            return
-        ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
-        self.state = RunState(**json.loads((ckpt / "state.json").read_text()))
-        self.trainers.load_checkpoint(str(ckpt / "trainer"))
-        ray.get(self.reward_model.load.remote(str(ckpt / "reward_model")))
-        if self.state.policy_version:
+        if latest.exists():
+            ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
+            self.state = RunState(**json.loads((ckpt / "state.json").read_text()))
+            self.trainers.load_checkpoint(str(ckpt / "trainer"))
+            ray.get(self.reward_model.load.remote(str(ckpt / "reward_model")))
+            log.info("restored %s: next round %d, watermark %d", ckpt, self.state.next_round, self.state.watermark)
+        else:  # nothing checkpointed yet: start over, keeping the initial answers
+            initial = self.state.initial_eval_answers
+            self.state = RunState(initial_eval_answers=initial)
+            if not initial:
+                self._initial_eval()
+        # serve exactly the restored weights, under a version newer than anything served before
+        served = self.generation.policy_version.remote().result()
+        if served != self.state.policy_version:
             exported = self.trainers.export_weights()
+            self.state.policy_version = max(served, self.state.policy_version) + 1
             publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
-        log.info("resumed from %s: next round %d, watermark %d", ckpt, self.state.next_round, self.state.watermark)
 
     def _write_reports(self) -> None:
         reports_dir = self.run_dir / "reports"

@@ -54,3 +54,28 @@ def test_rounds_run_checkpoint_and_resume(ray_session, tmp_path):
     assert more[0].policy_version == 3
     rounds = json.loads((run_dir / "report.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_lost_trainer_worker_restarts_the_round_from_the_checkpoint(ray_session, tmp_path):
+    import ray
+
+    from actors.coordinator import Coordinator
+
+    class KillsAWorker(Coordinator):
+        killed = False
+
+        def ppo_iterations(self, r):
+            if r == 1 and not self.killed:
+                KillsAWorker.killed = True
+                ray.kill(self.trainers.workers[1])  # a trainer process dies mid-round
+            return super().ppo_iterations(r)
+
+    cfg = tiny_run_config(tmp_path, rounds=2)
+    reports = KillsAWorker(cfg).run()
+    assert KillsAWorker.killed
+    assert [r.round for r in reports] == [0, 1]  # round 1 was redone
+    assert reports[1].watermark_from == reports[0].watermark_to  # from the checkpoint: nothing reused or skipped
+    assert reports[1].policy_version > reports[0].policy_version
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())["rounds"]
+    assert [r["round"] for r in saved] == [0, 1]

@@ -75,6 +75,12 @@ class Placement:
             ),
         }
 
+    def generation_options(self, gen) -> dict[str, Any]:
+        """[3] Ray actor options of each generation replica (Serve places the replicas)."""
+        from services.generation.server import replica_options
+
+        return replica_options(gen)
+
     def feedback_options(self) -> dict[str, Any]:
         """[4]"""
         return actor_options(self.cfg.feedback)

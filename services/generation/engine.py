@@ -62,6 +62,8 @@ class StaleWeights(ValueError):
 class PolicyEngine:
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig | None, max_prompt_tokens: int = 512):
         self.model, self.tokenizer = load_policy(model_cfg, lora)
+        if torch.cuda.is_available():
+            self.model.to("cuda")
         self.model.eval()
         self.lora = lora is not None and lora.enabled
         self.max_prompt_tokens = max_prompt_tokens

@@ -161,6 +161,10 @@ class GenerationServer:
     async def policy_version(self) -> int:
         return self.engine.version
 
+    async def node(self) -> str:
+        """The Ray node this replica runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     async def stats(self) -> dict:
         """This replica's counters: requests and batches served, and its version."""
         return {"replica": self._replica, "requests": self._requests, "batches": self._batches, "policy_version": self.engine.version}
@@ -256,10 +260,16 @@ class GenerationServer:
 # -- starting it and pushing weights ----------------------------------------------------
 
 
-def build_app(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, broadcaster_namespace: str | None = None):
+def replica_options(cfg: GenerationConfig) -> dict[str, Any]:
+    """Ray actor options of one replica (the placement module asks for the same)."""
     options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
     if cfg.resources:
         options["resources"] = dict(cfg.resources)
+    return options
+
+
+def build_app(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, broadcaster_namespace: str | None = None):
+    options = replica_options(cfg)
     deployment = GenerationServer.options(
         num_replicas=cfg.replicas, ray_actor_options=options, max_ongoing_requests=cfg.max_ongoing_requests
     )

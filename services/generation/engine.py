@@ -68,6 +68,16 @@ class PolicyEngine:
         self.lora = lora is not None and lora.enabled
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
+        # the tensors an update writes, by the names updates carry (peft drops the adapter name)
+        self._targets = self._update_targets()
+
+    def _update_targets(self) -> dict[str, torch.Tensor]:
+        if not self.lora:
+            return dict(self.model.state_dict())
+        adapter = getattr(self.model, "active_adapter", "default")
+        return {
+            name.replace(f".{adapter}.", "."): p for name, p in self.model.named_parameters() if "lora_" in name
+        }
 
     # -- weights ----------------------------------------------------------------
 
@@ -77,17 +87,18 @@ class PolicyEngine:
             raise StaleWeights(f"weights version {update.version} is not newer than the served {self.version}")
         if update.adapters_only != self.lora:
             raise ValueError("adapter-only updates need a LoRA policy, full updates a full one")
-        if self.lora:
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.model, dict(update.tensors))
-            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if unexpected:
-                raise ValueError(f"unexpected adapter tensors: {unexpected[:3]}")
-        else:
-            missing, unexpected = self.model.load_state_dict(dict(update.tensors), strict=False)
-            if unexpected:
-                raise ValueError(f"unexpected tensors: {unexpected[:3]}")
+        unknown = [k for k in update.tensors if k not in self._targets]
+        if unknown:
+            raise ValueError(f"unexpected tensors in weights version {update.version}: {unknown[:3]}")
+        if self.lora and len(update.tensors) != len(self._targets):
+            raise ValueError(f"an adapter update must carry all {len(self._targets)} adapter tensors, got {len(update.tensors)}")
+        for name, tensor in update.tensors.items():
+            target = self._targets[name]
+            if target.shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
+        with torch.no_grad():  # checked first, then copied in place: no half-applied update
+            for name, tensor in update.tensors.items():
+                self._targets[name].copy_(tensor)
         self.version = update.version
         return self.version
 

@@ -53,12 +53,14 @@ class WeightBroadcaster:
         self._applied: dict[str, int] = {}
         self._applied_changed = asyncio.Condition()
 
-    async def publish(self, version: int, wrapped_ref: list, adapters_only: bool) -> None:
+    async def publish(self, version: int, wrapped_ref: list, adapters_only: bool, replicas: int = 0, timeout_s: float = 300.0) -> int:
+        """Make `version` the newest; with `replicas`, wait until that many serve it (returns how many do)."""
         if version <= self._version:
             raise StaleWeights(f"version {version} is not newer than {self._version}")
         self._version, self._ref, self._adapters_only = version, wrapped_ref, adapters_only
         self._changed.set()
         self._changed = asyncio.Event()
+        return await self.wait_applied(version, replicas, timeout_s) if replicas else 0
 
     async def wait_newer(self, version: int, timeout_s: float) -> tuple[int, list | None, bool]:
         """The newest (version, [ref], adapters_only) once it is newer than `version`."""
@@ -294,8 +296,7 @@ def publish_weights(version: int, tensors: dict, adapters_only: bool, replicas: 
     started = time.perf_counter()
     broadcaster = get_broadcaster()
     ref = ray.put(tensors)
-    ray.get(broadcaster.publish.remote(version, [ref], adapters_only))
-    done = ray.get(broadcaster.wait_applied.remote(version, replicas, timeout_s))
+    done = ray.get(broadcaster.publish.remote(version, [ref], adapters_only, replicas, timeout_s))
     if done < replicas:
         raise TimeoutError(f"only {done} of {replicas} replicas took weights version {version} within {timeout_s:g}s")
     return time.perf_counter() - started

@@ -117,6 +117,9 @@ def _check_text(path: str, text: str, limit: int, required: bool) -> Rejection |
 
 
 def _check_id(path: str, value: str, limits: Limits, required: bool = True) -> Rejection | None:
+    if "\x00" in value:
+        # ids are stored in TEXT columns, and PostgreSQL's TEXT cannot hold NUL
+        return Rejection(path, "must not contain NUL (U+0000) characters")
     return _check_text(path, value, limits.max_id_bytes, required)
 
 

@@ -28,6 +28,7 @@ class GenerateRequest:
     top_p: float | None = None
     n: int = 1  # answers per request
     seed: int | None = None  # fixes the sampling of this request
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks fix lengths with it)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -128,15 +129,18 @@ class PolicyEngine:
                 defaults.temperature if r.temperature is None else r.temperature,
                 r.top_p or defaults.top_p,
                 r.seed,
+                r.min_new_tokens,
             )
             groups.setdefault(key, []).append(i)
         results: list[GenerateResult | None] = [None] * len(requests)
-        for (max_new, temperature, top_p, seed), indices in groups.items():
-            for i, result in zip(indices, self._generate_group([requests[i] for i in indices], max_new, temperature, top_p, seed)):
+        for (max_new, temperature, top_p, seed, min_new), indices in groups.items():
+            for i, result in zip(indices, self._generate_group([requests[i] for i in indices], max_new, temperature, top_p, seed, min_new)):
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _generate_group(self, requests: Sequence[GenerateRequest], max_new: int, temperature: float, top_p: float, seed: int | None) -> list[GenerateResult]:
+    def _generate_group(
+        self, requests: Sequence[GenerateRequest], max_new: int, temperature: float, top_p: float, seed: int | None, min_new: int = 0
+    ) -> list[GenerateResult]:
         texts = [self.prompt_text(r) for r in requests for _ in range(r.n)]
         enc = self.tokenizer(
             texts,
@@ -154,6 +158,7 @@ class PolicyEngine:
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new,
+            min_new_tokens=min(min_new, max_new) or None,
             do_sample=sample,
             temperature=temperature if sample else None,
             top_p=top_p if sample else None,

@@ -23,7 +23,9 @@ def test_tiny_config_loads() -> None:
 
 
 def test_local_config_is_the_embedded_default() -> None:
-    cfg = load_config(ROOT / "configs" / "local.yaml")
+    from actors.config import RunConfig  # local.yaml is a whole run: the core's sections plus the loop's
+
+    cfg = load_config(ROOT / "configs" / "local.yaml", RunConfig)
     assert cfg.model.source == "smollm2" and cfg.model.path is None
     assert cfg.model.cache_dir == Path.home() / ".cache" / "hitl" / "models"
     assert cfg.lora.enabled and cfg.lora.rank == 8

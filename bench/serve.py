@@ -1,0 +1,119 @@
+"""Generation server throughput under 1, 8 and 32 concurrent clients, against in-process
+batched generation on the same model (the ceiling) and one-request-at-a-time generation
+(the naive baseline), in the same run.
+
+    python bench/serve.py --quick              # SmolLM2-135M, 16 new tokens, fewer requests
+    python bench/serve.py                      # SmolLM2-135M, 32 new tokens
+    python bench/serve.py --model tiny         # the tiny random model
+
+Every request asks for exactly N new tokens (EOS suppressed before N), greedy, so each
+side generates the same token count. Target: the server reaches >= 70% of the ceiling's
+tokens/s at 32 clients. The last line is one JSON object of the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import time
+
+import ray
+import torch
+
+PROMPTS = [f"Write a sentence about topic number {i}." for i in range(256)]
+
+
+def requests(n: int, new_tokens: int):
+    from services.generation.engine import GenerateRequest
+
+    return [GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)], temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens) for i in range(n)]
+
+
+def in_process(engine, reqs, batch: int, defaults) -> float:
+    """Generated tokens/s of the engine called directly, `batch` requests at a time."""
+    tokens = 0
+    started = time.perf_counter()
+    for start in range(0, len(reqs), batch):
+        tokens += sum(r.completion_tokens for r in engine.generate(reqs[start : start + batch], defaults))
+    return tokens / (time.perf_counter() - started)
+
+
+def served(handle, reqs, clients: int) -> tuple[float, float]:
+    """Generated tokens/s and p50 latency (s) with `clients` concurrent callers."""
+    latencies: list[float] = []
+
+    def call(r):
+        t = time.perf_counter()
+        out = handle.generate.remote(r).result()
+        latencies.append(time.perf_counter() - t)
+        return out.completion_tokens
+
+    started = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(call, reqs))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return tokens / elapsed, latencies[len(latencies) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    args = parser.parse_args()
+    new_tokens = 16 if args.quick else 32
+    per_level = {1: 4, 8: 16, 32: 64} if args.quick else {1: 8, 8: 32, 32: 128}
+
+    from ray import serve
+
+    from rlhf.models import ModelConfig
+    from services.generation.config import GenerationConfig, SamplingDefaults
+    from services.generation.engine import PolicyEngine
+    from services.generation.server import start_generation_server
+
+    model = ModelConfig(source=args.model)
+    defaults = SamplingDefaults(max_new_tokens=new_tokens, temperature=0.0)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    cfg = GenerationConfig(replicas=1, num_cpus=2, max_batch_size=32, batch_wait_timeout_s=0.02, max_ongoing_requests=64, sampling=defaults)
+    handle = start_generation_server(model, None, cfg, http=False)
+    served(handle, requests(4, new_tokens), 4)  # warm-up
+    # the references run in this process with the same thread count as the replica, while
+    # the (idle) server exists; the ceiling is measured before and after the server runs
+    # and the higher figure kept, so machine noise cannot flatter the server
+    torch.set_num_threads(int(cfg.num_cpus))
+    engine = PolicyEngine(model, None)
+    in_process(engine, requests(4, new_tokens), 4, defaults)  # warm-up
+    ceiling_before = in_process(engine, requests(per_level[32], new_tokens), 32, defaults)
+    naive = in_process(engine, requests(per_level[1] * 2, new_tokens), 1, defaults)
+    rows = []
+    for clients, n in per_level.items():
+        tps, p50 = served(handle, requests(n, new_tokens), clients)
+        rows.append({"clients": clients, "requests": n, "tokens_per_s": tps, "p50_s": p50})
+    ceiling = max(ceiling_before, in_process(engine, requests(per_level[32], new_tokens), 32, defaults))
+    for r in rows:
+        r.update(vs_ceiling=r["tokens_per_s"] / ceiling, vs_naive=r["tokens_per_s"] / naive)
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\nmodel {args.model}, {new_tokens} new tokens per request, greedy\n")
+    print(f"{'serving':<34} {'tokens/s':>10} {'p50 s':>8} {'vs ceiling':>11} {'vs naive':>9}")
+    print(f"{'in-process, batches of 32 (ceiling)':<34} {ceiling:>10.1f} {'':>8} {1.0:>11.2f} {ceiling / naive:>9.2f}")
+    print(f"{'in-process, one at a time (naive)':<34} {naive:>10.1f} {'':>8} {naive / ceiling:>11.2f} {1.0:>9.2f}")
+    for r in rows:
+        print(f"{'server, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} {r['p50_s']:>8.2f} {r['vs_ceiling']:>11.2f} {r['vs_naive']:>9.2f}")
+    at32 = rows[-1]["vs_ceiling"]
+    print(f"\nat 32 clients: {at32:.0%} of the ceiling (target >= 70%)")
+    print(json.dumps({
+        "model": args.model,
+        "tokens_per_s_32": round(rows[-1]["tokens_per_s"], 2),
+        "ceiling_tokens_per_s": round(ceiling, 2),
+        "naive_tokens_per_s": round(naive, 2),
+        "vs_ceiling_32": round(at32, 3),
+        "vs_naive_32": round(rows[-1]["vs_naive"], 3),
+        "target_met": at32 >= 0.7,
+    }))
+
+
+if __name__ == "__main__":
+    main()

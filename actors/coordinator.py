@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -52,6 +53,7 @@ class RoundReport:
     win_rate: float  # final policy vs the initial one on held-out prompts, by the rule without noise
     stage_seconds: dict[str, float]
     annotators: dict[str, dict[str, int]] = field(default_factory=dict)
+    feedback_to_policy_s: float | None = None  # last needed record committed -> first answer by the new policy
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Coordinator:
         self._annotator_stop = threading.Event()
         self._annotator_threads: list[threading.Thread] = []
         self._annotators: list = []
+        self._feedback_complete_at: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -166,8 +169,9 @@ class Coordinator:
 
         c = self.cfg.cluster
         if not ray.is_initialized():  # [1]
-            ray.init(address=c.address, num_cpus=c.num_cpus if c.address is None else None, namespace=c.namespace,
-                     include_dashboard=False, log_to_driver=False)
+            joining = c.address is not None or bool(os.environ.get("RAY_ADDRESS"))  # e.g. under `ray job submit`
+            ray.init(address=c.address, num_cpus=None if joining else c.num_cpus, namespace=c.namespace,
+                     include_dashboard=False if not joining else None, log_to_driver=False)
         self.placement = Placement(c)
         self.progress.update(round=f"0/{self.cfg.coordinator.rounds}", stage="starting")
         self.store = open_store(self.cfg.feedback.service.store)
@@ -250,6 +254,7 @@ class Coordinator:
         rm_report = stage("reward_model", self.update_reward_model, curated.items)
         ppo = stage("ppo", self.ppo_iterations, r)
         stage("push_weights", self.push_weights)
+        served_at = self._first_answer_at(self.state.policy_version)
         rate = stage("evaluate", self.evaluate)
         report = RoundReport(
             round=r,
@@ -264,6 +269,7 @@ class Coordinator:
             win_rate=rate,
             stage_seconds=times,
             annotators={a.cfg.annotator_id: asdict(a.stats) for a in self._annotators},
+            feedback_to_policy_s=round(served_at - self._feedback_complete_at, 3) if self._feedback_complete_at else None,
         )
         self.state.watermark = report.watermark_to
         self.state.next_round = r + 1
@@ -308,11 +314,14 @@ class Coordinator:
     def wait_for_feedback(self) -> list:
         c = self.cfg.coordinator
         deadline = time.monotonic() + c.feedback_timeout_s
+        self._feedback_complete_at = None
         while True:
             records = self.store.read_after(self.state.watermark, limit=100_000, projects=[self.cfg.feedback.project])
-            useful = sum(1 for s in records if s.record.WhichOneof("judgement") in ("preference", "ranking"))
-            self.progress.update(feedback=f"{useful}/{c.min_feedback_per_round}")
-            if useful >= c.min_feedback_per_round or (time.monotonic() > deadline and useful > 0):
+            useful = [s for s in records if s.record.WhichOneof("judgement") in ("preference", "ranking")]
+            self.progress.update(feedback=f"{len(useful)}/{c.min_feedback_per_round}")
+            if len(useful) >= c.min_feedback_per_round or (time.monotonic() > deadline and useful):
+                # when the last record the round needed was committed (and so acked)
+                self._feedback_complete_at = useful[min(len(useful), c.min_feedback_per_round) - 1].received_at
                 return records
             if time.monotonic() > deadline + c.feedback_timeout_s:
                 raise TimeoutError(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
@@ -345,6 +354,15 @@ class Coordinator:
         exported = self.trainers.export_weights()
         self.state.policy_version += 1
         return publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
+
+    def _first_answer_at(self, version: int) -> float:
+        """Wall-clock time at which the generation server first answers with `version`."""
+        from services.generation.engine import GenerateRequest
+
+        while True:
+            result = self.generation.generate.remote(GenerateRequest(prompt="Hi", max_new_tokens=1)).result()
+            if result.policy_version >= version:
+                return time.time()
 
     def _eval_answers(self) -> list[str]:
         from services.generation.engine import GenerateRequest

@@ -1,0 +1,65 @@
+"""`ray job submit --working-dir . -- hitl run CONFIG` against a separately started Ray head."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.actors.test_loop import tiny_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    gcs, dashboard = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=8", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        cfg = tiny_run_config(tmp_path, rounds=1)
+        data = json.loads(cfg.model_dump_json())
+        data["cluster"]["address"] = "auto"
+        data["generation"]["http_port"] = free_port()
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(data))
+        address = f"http://127.0.0.1:{dashboard}"
+        for _ in range(120):
+            probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(1)
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "hitl", "run", str(config)],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        summary = next(json.loads(l) for l in job.stdout.splitlines() if l.startswith("{") and '"run_dir"' in l)
+        assert summary["rounds"] == 1
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert len(report["rounds"]) == 1 and report["rounds"][0]["feedback"]["used/preference"] >= 8
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -110,13 +110,14 @@ class FeedbackClient:
         batch_size: int = 200,
         timeout_s: float = 30.0,
         backoff: Backoff | None = None,
+        channel_options: Sequence[tuple[str, object]] = (),
     ):
         self.target = target
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.backoff = backoff or Backoff()
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *channel_options]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if root_certificates is not None or client_cert is not None:

@@ -12,8 +12,10 @@ run ahead of durability.
 from __future__ import annotations
 
 import asyncio
+import operator
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,11 +23,13 @@ from typing import Sequence
 from hitl.feedback.v1 import feedback_pb2 as pb
 
 from services.feedback.metrics import FeedbackMetrics
-from services.feedback.records import kind_of
 from services.feedback.store import FeedbackStore, Outcome, Status
 
 
 _INDEX = re.compile(r"\[[^\]]*\]")
+_judgement = operator.methodcaller("WhichOneof", "judgement")
+_status_name = operator.attrgetter("status._name_")  # the member's name; a plain attribute, unlike Enum.name
+_rejection = operator.attrgetter("rejection")
 
 
 class Overloaded(RuntimeError):
@@ -155,7 +159,11 @@ class GroupCommitter:
             return
         self._metrics.commit_seconds.observe(seconds)
         self._metrics.commit_records.observe(len(records))
-        for record, outcome in zip(records, outcomes):
-            reason = outcome.rejection.field if outcome.status is Status.REJECTED and outcome.rejection else ""
-            reason = _INDEX.sub("[]", reason)  # bounded label values: no per-index series
-            self._metrics.records.labels(kind_of(record) or "none", outcome.status.value, reason).inc()
+        # One counter update per label set of the group, not one per record; the
+        # tally runs in C (map/zip/Counter) because it sees every record.
+        tally = Counter(zip(map(_judgement, records), map(_status_name, outcomes), map(_rejection, outcomes)))
+        for (kind, status_name, rejection), n in tally.items():
+            reason = ""
+            if status_name == "REJECTED" and rejection is not None:
+                reason = _INDEX.sub("[]", rejection.field)  # bounded label values: no per-index series
+            self._metrics.records.labels(kind or "none", Status[status_name].value, reason).inc(n)

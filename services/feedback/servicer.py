@@ -31,18 +31,31 @@ _STATUS = {
     Status.DUPLICATE: pb.RecordResult.STATUS_DUPLICATE,
     Status.REJECTED: pb.RecordResult.STATUS_REJECTED,
 }
+_ACCEPTED = pb.RecordResult.STATUS_ACCEPTED
 MAX_TASKS_PER_PULL = 1000
 
 
-def to_results(records: Iterable[pb.FeedbackRecord], outcomes: Iterable[Outcome]) -> list[pb.RecordResult]:
-    results = []
+def add_results(results, records: Iterable[pb.FeedbackRecord], outcomes: Iterable[Outcome]) -> None:
+    """Append one RecordResult per record, in order, to `results` (a response's repeated field).
+
+    Built in place (no intermediate messages to copy) and with identity tests
+    on the status: this runs once per record on the event loop.
+    """
+    add = results.add
     for record, outcome in zip(records, outcomes):
-        result = pb.RecordResult(feedback_id=record.feedback_id, status=_STATUS[outcome.status], seq=outcome.seq)
-        if outcome.rejection is not None:
-            result.field = outcome.rejection.field
-            result.reason = outcome.rejection.reason
-        results.append(result)
-    return results
+        status = outcome.status
+        if status is Status.ACCEPTED:
+            add(feedback_id=record.feedback_id, status=_ACCEPTED, seq=outcome.seq)
+        elif outcome.rejection is None:
+            add(feedback_id=record.feedback_id, status=_STATUS[status], seq=outcome.seq)
+        else:
+            add(
+                feedback_id=record.feedback_id,
+                status=_STATUS[status],
+                seq=outcome.seq,
+                field=outcome.rejection.field,
+                reason=outcome.rejection.reason,
+            )
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -121,8 +134,10 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         await self._check_batch_size(context, len(request.records))
         records = list(request.records)
         outcomes = await self._commit(context, records, wait=False) if records else []
+        response = pb.SubmitFeedbackResponse()
+        add_results(response.results, records, outcomes)
         self._metrics.ack_seconds.labels("SubmitFeedback").observe(time.perf_counter() - started)
-        return pb.SubmitFeedbackResponse(results=to_results(records, outcomes))
+        return response
 
     async def StreamFeedback(self, request_iterator: AsyncIterator[pb.FeedbackBatch], context) -> AsyncIterator[pb.BatchAck]:
         principal = await self._principal(context)
@@ -139,8 +154,10 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 outcomes = await task
                 if isinstance(outcomes, tuple):  # an abort raised while committing
                     await context.abort(*outcomes)
+                ack = pb.BatchAck(sequence=sequence)
+                add_results(ack.results, records, outcomes)
                 self._metrics.ack_seconds.labels("StreamFeedback").observe(time.perf_counter() - started)
-                yield pb.BatchAck(sequence=sequence, results=to_results(records, outcomes))
+                yield ack
         finally:
             reader.cancel()
 
@@ -153,7 +170,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     await inflight.put((grpc.StatusCode.INVALID_ARGUMENT, f"batch sequence {batch.sequence} does not increase (last was {last})"))
                     return
                 last = batch.sequence
-                denied = principal.first_denied({r.project for r in batch.records})
+                denied = None if principal.all_projects else principal.first_denied({r.project for r in batch.records})
                 if denied is not None:
                     await inflight.put((grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not write project {denied!r}"))
                     return
@@ -188,6 +205,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project: required")
         if not request.annotator_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "annotator_id: required")
+        for name in ("project", "annotator_id"):
+            if "\x00" in getattr(request, name) or len(getattr(request, name).encode()) > 128:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: at most 128 bytes, no NUL characters")
         await self._check_scope(context, principal, [request.project])
         if request.max_tasks > MAX_TASKS_PER_PULL:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_tasks: at most {MAX_TASKS_PER_PULL}, got {request.max_tasks}")
@@ -217,6 +237,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.Stats:
         principal = await self._principal(context)
+        if "\x00" in request.project:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project: no NUL characters")
         if request.project:
             await self._check_scope(context, principal, [request.project])
             projects: list[str] | None = [request.project]

@@ -8,7 +8,7 @@ durable or none is (and none is acked).
 Guarantees kept here:
 * `(project, feedback_id)` is unique: a resent record is stored once.
 * `seq` increases in commit order (writers are serialised: SQLite by its write
-  lock, PostgreSQL by a transaction-level advisory lock), so a reader that
+  lock, PostgreSQL by the store's own transaction-level advisory lock), so a reader that
   has seen everything up to watermark W never misses a record committed later
   with a smaller seq; `read_after(W)` is an index range scan, O(new records).
 * Record counts by project, kind and annotator are maintained in the same
@@ -17,6 +17,7 @@ Guarantees kept here:
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +35,6 @@ from services.feedback.records import (
     check_against_task,
     check_record,
     check_task,
-    content_hash,
     kind_of,
 )
 
@@ -113,7 +113,11 @@ class Dialect(Protocol):
     def sql(self, statement: str) -> str: ...  # placeholder translation
     def begin_write(self, conn: Any) -> None: ...  # start a serialised write transaction
     def begin_read(self, conn: Any) -> None: ...
-    def insert_returning(self, cur: Any, statement: str, rows: list[tuple]) -> list[int]: ...
+    # (statement, args) selecting (feedback_id, seq, content_hash) of these ids in project, probing the
+    # unique (project, feedback_id) index once per id whatever the table's statistics say
+    def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]: ...
+    # insert rows into `table` (keyed by `seq`) as one statement batch; returns their seqs in row order
+    def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]: ...
 
 
 def _migrations(d: Dialect) -> dict[int, list[str]]:
@@ -240,26 +244,40 @@ class SqlStore:
     # -- feedback -----------------------------------------------------------
 
     def write_batch(self, records: Sequence[pb.FeedbackRecord]) -> list[Outcome]:
-        """Validate and store records in one transaction; one outcome per record."""
+        """Validate and store records in one transaction; one outcome per record.
+
+        Everything that needs only the records (validation, serialization,
+        hashing) happens before the write lock is taken, so the lock is held
+        for the SQL alone; inside it every step is one statement batch for the
+        whole group, not one round trip per record.
+        """
         outcomes: list[Outcome | None] = [None] * len(records)
+        encoded: dict[int, _Encoded] = {}
         for i, record in enumerate(records):
             rejection = check_record(record, self.limits)
             if rejection is not None:
                 outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
+            else:
+                encoded[i] = _encode(record)
         conn = self._conn()
         self._d.begin_write(conn)
         try:
-            self._write_locked(conn, records, outcomes)
+            self._write_locked(conn, records, outcomes, encoded)
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
         return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
 
-    def _write_locked(self, conn: Any, records: Sequence[pb.FeedbackRecord], outcomes: list[Outcome | None]) -> None:
+    def _write_locked(
+        self,
+        conn: Any,
+        records: Sequence[pb.FeedbackRecord],
+        outcomes: list[Outcome | None],
+        encoded: dict[int, "_Encoded"],
+    ) -> None:
         cur = conn.cursor()
-        pending = [i for i, o in enumerate(outcomes) if o is None]
-        hashes = {i: content_hash(records[i]) for i in pending}
+        pending = list(encoded)
         existing = self._existing(cur, [(records[i].project, records[i].feedback_id) for i in pending])
         tasks = self._tasks(cur, {records[i].task_id for i in pending})
         now = time.time()
@@ -270,11 +288,11 @@ class SqlStore:
             key = (record.project, record.feedback_id)
             if key in existing:
                 seq, digest = existing[key]
-                outcomes[i] = self._resend(seq, digest, hashes[i])
+                outcomes[i] = self._resend(seq, digest, encoded[i].digest)
                 continue
             if key in in_batch:
                 first = in_batch[key]
-                outcomes[i] = Outcome(Status.DUPLICATE) if hashes[first] == hashes[i] else Outcome(
+                outcomes[i] = Outcome(Status.DUPLICATE) if encoded[first].digest == encoded[i].digest else Outcome(
                     Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record")
                 )
                 continue
@@ -290,20 +308,21 @@ class SqlStore:
             (
                 records[i].project,
                 records[i].feedback_id,
-                kind_of(records[i]),
+                encoded[i].kind,
                 records[i].task_id,
                 records[i].annotator_id,
-                hashes[i],
-                records[i].SerializeToString(deterministic=True),
+                encoded[i].digest,
+                encoded[i].blob,
                 now,
             )
             for i in to_insert
         ]
         seqs = self._d.insert_returning(
             cur,
+            "feedback",
             self._q(
                 "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             ),
             rows,
         )
@@ -313,8 +332,8 @@ class SqlStore:
         for i, o in enumerate(outcomes):
             if o is not None and o.status is Status.DUPLICATE and o.seq == 0:
                 outcomes[i] = Outcome(Status.DUPLICATE, seq=outcomes[in_batch[(records[i].project, records[i].feedback_id)]].seq)
-        self._count(cur, [records[i] for i in to_insert])
-        self._mark_answered(cur, [records[i] for i in to_insert], now)
+        self._count(cur, [(records[i].project, encoded[i].kind, records[i].annotator_id) for i in to_insert])
+        self._mark_answered(cur, [(records[i].task_id, records[i].annotator_id) for i in to_insert], now)
 
     @staticmethod
     def _resend(seq: int, stored: bytes, digest: bytes) -> Outcome:
@@ -329,12 +348,7 @@ class SqlStore:
         found: dict[tuple[str, str], tuple[int, bytes]] = {}
         for project, ids in by_project.items():
             for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                marks = ", ".join("?" * len(chunk))
-                cur.execute(
-                    self._q(f"SELECT feedback_id, seq, content_hash FROM feedback WHERE project = ? AND feedback_id IN ({marks})"),
-                    (project, *chunk),
-                )
+                cur.execute(*self._d.find_feedback_ids(project, ids[start : start + _IN_CHUNK]))
                 for fid, seq, digest in cur.fetchall():
                     found[(project, fid)] = (int(seq), bytes(digest))
         return found
@@ -357,10 +371,11 @@ class SqlStore:
             self._task_cache.clear()
         self._task_cache[task.task_id] = task
 
-    def _count(self, cur: Any, records: list[pb.FeedbackRecord]) -> None:
+    def _count(self, cur: Any, keys: list[tuple[str, str, str]]) -> None:
+        """Add the new records to feedback_counts; keys are (project, kind, annotator_id), one per record."""
         counts: dict[tuple[str, str, str], int] = defaultdict(int)
-        for r in records:
-            counts[(r.project, kind_of(r), r.annotator_id)] += 1
+        for key in keys:
+            counts[key] += 1
         cur.executemany(
             self._q(
                 "INSERT INTO feedback_counts (project, kind, annotator_id, n) VALUES (?, ?, ?, ?)"
@@ -369,32 +384,46 @@ class SqlStore:
             [(*key, n) for key, n in counts.items()],
         )
 
-    def _mark_answered(self, cur: Any, records: list[pb.FeedbackRecord], now: float) -> None:
-        """Close the annotator's lease on each judged task; count each annotator once per task."""
-        seen: set[tuple[str, str]] = set()
-        for r in records:
-            key = (r.task_id, r.annotator_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            cur.execute(self._q("SELECT answered FROM leases WHERE task_id = ? AND annotator_id = ?"), key)
-            row = cur.fetchone()
-            if row is not None and row[0]:
-                continue
-            if row is None:
-                cur.execute(
-                    self._q("INSERT INTO leases (task_id, annotator_id, expires_at, answered) VALUES (?, ?, ?, 1)"),
-                    (r.task_id, r.annotator_id, now),
-                )
-            else:
-                cur.execute(self._q("UPDATE leases SET answered = 1 WHERE task_id = ? AND annotator_id = ?"), key)
-            cur.execute(
+    def _mark_answered(self, cur: Any, pairs: list[tuple[str, str]], now: float) -> None:
+        """Close the annotator's lease on each judged task; count each annotator once per task.
+
+        `pairs` are the (task_id, annotator_id) of the new records. A pair
+        counts towards its task's annotations_done only the first time it is
+        answered (no lease, or a lease not yet answered); a task whose count
+        reaches annotations_wanted closes. One lookup and three statement
+        batches for the whole group, with the same end state as handling the
+        records one by one.
+        """
+        wanted = set(pairs)
+        answered: dict[tuple[str, str], int] = {}
+        task_ids = sorted({task_id for task_id, _ in wanted})
+        for start in range(0, len(task_ids), _IN_CHUNK):
+            chunk = task_ids[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            cur.execute(self._q(f"SELECT task_id, annotator_id, answered FROM leases WHERE task_id IN ({marks})"), chunk)
+            for task_id, annotator_id, done in cur.fetchall():
+                if (task_id, annotator_id) in wanted:
+                    answered[(task_id, annotator_id)] = int(done)
+        new = sorted(pair for pair in wanted if pair not in answered)
+        leased = sorted(pair for pair in wanted if answered.get(pair) == 0)
+        if new:
+            cur.executemany(
+                self._q("INSERT INTO leases (task_id, annotator_id, expires_at, answered) VALUES (?, ?, ?, 1)"),
+                [(task_id, annotator_id, now) for task_id, annotator_id in new],
+            )
+        if leased:
+            cur.executemany(self._q("UPDATE leases SET answered = 1 WHERE task_id = ? AND annotator_id = ?"), leased)
+        per_task: dict[str, int] = defaultdict(int)
+        for task_id, _ in new + leased:
+            per_task[task_id] += 1
+        if per_task:
+            cur.executemany(
                 self._q(
-                    "UPDATE tasks SET annotations_done = annotations_done + 1,"
-                    " is_open = CASE WHEN annotations_done + 1 >= annotations_wanted THEN 0 ELSE 1 END"
+                    "UPDATE tasks SET annotations_done = annotations_done + ?,"
+                    " is_open = CASE WHEN annotations_done + ? >= annotations_wanted THEN 0 ELSE 1 END"
                     " WHERE task_id = ?"
                 ),
-                (r.task_id,),
+                [(n, n, task_id) for task_id, n in sorted(per_task.items())],
             )
 
     def read_after(self, watermark: int, limit: int = 1000, projects: Iterable[str] | None = None) -> list[StoredRecord]:
@@ -488,6 +517,31 @@ class SqlStore:
         finally:
             conn.rollback()
 
+    def iter_tasks(self, projects: Iterable[str] | None = None, page: int = 1000) -> Iterator[Task]:
+        """Every published task in publication order, read page by page (for exports)."""
+        names = None if projects is None else sorted(set(projects))
+        if names is not None and not names:
+            return
+        after = 0
+        while True:
+            conn = self._conn()
+            cur = conn.cursor()
+            self._d.begin_read(conn)
+            try:
+                where = "" if names is None else f" AND project IN ({', '.join('?' * len(names))})"
+                cur.execute(
+                    self._q(f"SELECT task, annotations_wanted, created_order FROM tasks WHERE created_order > ?{where} ORDER BY created_order LIMIT ?"),
+                    (after, *(names or ()), page),
+                )
+                rows = cur.fetchall()
+            finally:
+                conn.rollback()
+            if not rows:
+                return
+            for blob, wanted, _ in rows:
+                yield _task_from_blob(blob, wanted)
+            after = int(rows[-1][2])
+
     def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]:
         """Lease up to max_tasks open tasks the annotator was never handed, oldest first."""
         conn = self._conn()
@@ -573,6 +627,21 @@ class SqlStore:
             watermark=watermark,
             open_tasks=open_tasks,
         )
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """What the store keeps of one valid record, computed outside the write lock."""
+
+    blob: bytes  # deterministic serialization, stored as is
+    digest: bytes  # == records.content_hash(record): the hash of `blob`
+    kind: str
+
+
+def _encode(record: pb.FeedbackRecord) -> _Encoded:
+    blob = record.SerializeToString(deterministic=True)
+    # content_hash(record) without serializing the record a second time
+    return _Encoded(blob, hashlib.sha256(blob).digest(), kind_of(record))
 
 
 def _task_blob(task: Task) -> bytes:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from services.feedback.records import Limits
 from services.feedback.store.base import SqlStore
 
-# Every write transaction holds this transaction-level advisory lock, so writers
-# are serialised and BIGSERIAL values are committed in increasing order: a
-# reader past watermark W can never later see a smaller seq appear.
-_WRITE_LOCK_KEY = 0x6869746C  # "hitl"
+
+def write_lock_key(schema: str) -> int:
+    """The advisory lock key of the store in `schema`.
+
+    Every write transaction holds this transaction-level advisory lock, so the
+    writers of one store are serialised and its BIGSERIAL values are committed
+    in increasing order: a reader past watermark W can never later see a
+    smaller seq appear. The key is the store's own (derived from its schema),
+    so stores in other schemas of the same database never wait for it.
+    """
+    digest = hashlib.blake2b(f"hitl-feedback-writer:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class PostgresDialect:
@@ -23,29 +32,48 @@ class PostgresDialect:
     def __init__(self, conninfo: str, schema: str | None):
         self.conninfo = conninfo
         self.schema = schema
+        self.lock_key: int | None = None  # set by the first connection, from the schema it writes to
 
     def connect(self) -> Any:
         import psycopg
 
         conn = psycopg.connect(self.conninfo, autocommit=False)
-        if self.schema:
-            with conn.cursor() as cur:
+        with conn.cursor() as cur:
+            if self.schema:
                 cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 cur.execute(f'SET search_path TO "{self.schema}"')
-            conn.commit()
+            if self.lock_key is None:
+                cur.execute("SELECT current_schema()")  # where the store's tables are
+                self.lock_key = write_lock_key(cur.fetchone()[0] or "")
+        conn.commit()
         return conn
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
     def begin_write(self, conn: Any) -> None:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
 
     def begin_read(self, conn: Any) -> None:
         return None  # psycopg opens a transaction on the first statement
 
-    def insert_returning(self, cur: Any, statement: str, rows: list[tuple]) -> list[int]:
-        cur.executemany(statement, rows, returning=True)
+    def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]:
+        # Not `project = %s AND feedback_id IN (...)`: before ANALYZE has seen the table, the
+        # planner guesses `project = %s` to be selective, scans every row of the project and
+        # filters on the ids: O(table) per lookup when one project dominates. Here each id is
+        # looked up by a subquery on the whole unique key; its LIMIT 1 (true anyway: the key
+        # is unique) keeps the planner from flattening it into a join that could scan the
+        # project again, so the plan is one unique-index probe per id, whatever the statistics.
+        return (
+            "SELECT f.feedback_id, f.seq, f.content_hash FROM unnest(%s::text[]) AS k(feedback_id)"
+            " CROSS JOIN LATERAL (SELECT feedback_id, seq, content_hash FROM feedback"
+            " WHERE project = %s AND feedback_id = k.feedback_id LIMIT 1) AS f",
+            (list(ids), project),
+        )
+
+    def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]:
+        """executemany the INSERT (pipelined by psycopg: one round trip, not one per row); seqs in row order."""
+        cur.executemany(statement + " RETURNING seq", rows, returning=True)
         seqs: list[int] = []
         while True:
             seqs.append(int(cur.fetchone()[0]))

@@ -38,11 +38,34 @@ class SqliteDialect:
     def begin_read(self, conn: Any) -> None:
         conn.execute("BEGIN")
 
-    def insert_returning(self, cur: Any, statement: str, rows: list[tuple]) -> list[int]:
-        seqs = []
-        for row in rows:
-            cur.execute(statement, row)
-            seqs.append(int(cur.fetchone()[0]))
+    def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]:
+        # SQLite drives the IN list through the unique index: one search per id
+        marks = ", ".join("?" * len(ids))
+        return (
+            f"SELECT feedback_id, seq, content_hash FROM feedback WHERE project = ? AND feedback_id IN ({marks})",
+            (project, *ids),
+        )
+
+    def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]:
+        """executemany the INSERT; the new rows' seqs in row order.
+
+        The caller holds the write lock, and each AUTOINCREMENT key is larger
+        than every key before it, so the rows get increasing seqs above the
+        table's previous maximum, in row order. When they fill that range
+        exactly (always, unless keys were skipped) the seqs follow from
+        last_insert_rowid(); otherwise they are read back in order.
+        """
+        cur.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {table}")
+        before = int(cur.fetchone()[0])
+        cur.executemany(statement, rows)
+        cur.execute("SELECT last_insert_rowid()")
+        last = int(cur.fetchone()[0])
+        if last - before == len(rows):
+            return list(range(before + 1, last + 1))
+        cur.execute(f"SELECT seq FROM {table} WHERE seq > ? ORDER BY seq", (before,))
+        seqs = [int(seq) for (seq,) in cur.fetchall()]
+        if len(seqs) != len(rows):
+            raise RuntimeError(f"inserted {len(rows)} rows into {table} but found {len(seqs)} new keys")
         return seqs
 
 

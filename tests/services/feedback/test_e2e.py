@@ -201,3 +201,14 @@ def test_reflection_only_when_asked(store_url):
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with running_server(store_url, reflection=True) as server:
         assert SERVICE_NAME in services(server)
+
+
+def test_nul_in_request_ids_is_invalid_argument(server):
+    with FeedbackClient(server.address) as client:
+        for call in (lambda: list(client.pull_tasks("de\x00mo", "alice")),
+                     lambda: list(client.pull_tasks("demo", "al\x00ice")),
+                     lambda: client.stats("de\x00mo")):
+            with pytest.raises(FeedbackClientError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert client.stats().total_records == 0  # still serving

@@ -1,0 +1,164 @@
+"""The batched write path keeps the guarantees of record-by-record writes:
+seqs in row order, content hashes, lease and task bookkeeping, and (on
+PostgreSQL) a write lock of the store's own."""
+
+import threading
+import uuid
+
+import pytest
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+from services.feedback.records import content_hash
+from services.feedback.store import Status, open_store
+from tests.services.feedback.conftest import drop_postgres_schema, make_task, postgres_schema_url, preference
+
+
+def _rows(store, query):
+    conn = store._conn()
+    try:
+        cur = conn.cursor()
+        cur.execute(query)
+        return cur.fetchall()
+    finally:
+        conn.rollback()
+
+
+def correction(fid, task_id="t1", annotator="alice", text="a better answer"):
+    return pb.FeedbackRecord(
+        feedback_id=fid,
+        project="demo",
+        task_id=task_id,
+        annotator_id=annotator,
+        correction=pb.Correction(candidate_id="c0", corrected_text=text),
+    )
+
+
+def test_seqs_follow_the_order_of_the_batch_and_match_the_stored_rows(store):
+    store.add_tasks([make_task("t1"), make_task("t2")])
+    records = [preference(f"r{i}", "t1" if i % 2 else "t2", annotator=f"a{i % 3}") for i in range(50)]
+    records.insert(10, pb.FeedbackRecord(feedback_id="bad", project="demo"))  # rejected: no task, no judgement
+    records.insert(20, records[5])  # an in-batch duplicate
+    outcomes = store.write_batch(records)
+    accepted = [(r.feedback_id, o.seq) for r, o in zip(records, outcomes) if o.status is Status.ACCEPTED]
+    assert len(accepted) == 50
+    seqs = [seq for _, seq in accepted]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 50
+    assert outcomes[10].status is Status.REJECTED
+    assert outcomes[20].status is Status.DUPLICATE and outcomes[20].seq == outcomes[5].seq
+    stored = [(s.record.feedback_id, s.seq) for s in store.read_after(0, limit=100)]
+    assert stored == accepted
+
+
+def test_stored_content_hash_is_the_records_content_hash(store):
+    store.add_tasks([make_task("t1")])
+    records = [preference("p1"), correction("c1")]
+    store.write_batch(records)
+    stored = dict(_rows(store, "SELECT feedback_id, content_hash FROM feedback"))
+    assert {fid: bytes(h) for fid, h in stored.items()} == {r.feedback_id: content_hash(r) for r in records}
+    # and a resend is recognised by it
+    assert [o.status for o in store.write_batch(records)] == [Status.DUPLICATE, Status.DUPLICATE]
+
+
+def test_one_batch_does_the_lease_and_task_bookkeeping_of_one_record_at_a_time(store):
+    store.add_tasks([make_task("t1", wanted=2), make_task("t2", wanted=2), make_task("t3", wanted=3), make_task("t4", wanted=1)])
+    store.lease_tasks("demo", "alice", 4, 60)  # alice holds unanswered leases on every task
+    store.write_batch([preference("early", "t4", annotator="bob")])  # t4: answered by bob, closed
+    batch = [
+        preference("a1", "t1", annotator="alice"),  # leased, now answered: t1 1/2
+        correction("a2", "t1", annotator="alice"),  # same annotator again: not counted twice
+        preference("b1", "t1", annotator="bob"),  # no lease: t1 2/2, closes
+        preference("c1", "t2", annotator="carol"),  # t2 1/2, stays open
+        preference("b2", "t4", annotator="bob"),  # bob answered t4 before: not counted
+        preference("a3", "t4", annotator="alice"),  # t4 2/1, stays closed
+    ]
+    assert all(o.status is Status.ACCEPTED for o in store.write_batch(batch))
+    tasks = {t: (done, is_open) for t, done, is_open in _rows(store, "SELECT task_id, annotations_done, is_open FROM tasks")}
+    assert tasks == {"t1": (2, 0), "t2": (1, 1), "t3": (0, 1), "t4": (2, 0)}
+    leases = {(t, a): answered for t, a, answered in _rows(store, "SELECT task_id, annotator_id, answered FROM leases")}
+    assert leases == {
+        ("t1", "alice"): 1,
+        ("t2", "alice"): 0,
+        ("t3", "alice"): 0,
+        ("t4", "alice"): 1,
+        ("t1", "bob"): 1,
+        ("t4", "bob"): 1,
+        ("t2", "carol"): 1,
+    }
+    assert store.stats().open_tasks == 2
+
+
+def test_sqlite_seqs_are_right_when_autoincrement_skips_keys(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    try:
+        store.add_tasks([make_task("t1")])
+        store.write_batch([preference("a"), preference("b")])
+        conn = store._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE sqlite_sequence SET seq = seq + 10 WHERE name = 'feedback'")
+        conn.commit()
+        outcomes = store.write_batch([preference("c"), preference("d"), preference("e")])
+        assert [o.seq for o in outcomes] == [13, 14, 15]
+        assert [(s.seq, s.record.feedback_id) for s in store.read_after(2)] == [(13, "c"), (14, "d"), (15, "e")]
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_write_lock_is_the_stores_own():
+    schemas = [f"hitl_test_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    stores = []
+    try:
+        stores = [open_store(postgres_schema_url(s)) for s in schemas]
+        first, second = stores
+        assert first._d.lock_key != second._d.lock_key
+        for s in stores:
+            s.add_tasks([make_task("t1")])
+
+        def write_in_thread(store, fid):
+            done = threading.Event()
+            threading.Thread(target=lambda: (store.write_batch([preference(fid)]), done.set()), daemon=True).start()
+            return done
+
+        holder = first._d.connect()  # holds the first store's write lock in an open transaction
+        first._d.begin_write(holder)
+        try:
+            # another store (schema) does not wait for it ...
+            assert write_in_thread(second, "x").wait(10), "a write to another schema waited for this store's lock"
+            # ... while a writer of the same store does
+            same = write_in_thread(first, "y")
+            assert not same.wait(0.5)
+        finally:
+            holder.rollback()
+            holder.close()
+        assert same.wait(10)
+    finally:
+        for s in stores:
+            s.close()
+        for schema in schemas:
+            drop_postgres_schema(schema)
+
+
+@pytest.mark.postgres
+def test_postgres_duplicate_lookup_probes_the_unique_index_before_any_analyze():
+    schema = f"hitl_test_{uuid.uuid4().hex[:12]}"
+    store = open_store(postgres_schema_url(schema))
+    try:
+        conn = store._conn()
+        with conn.cursor() as cur:
+            # one project with many records and no statistics yet: the case that used to scan the project
+            cur.execute(
+                "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
+                " SELECT 'demo', 'id' || g, 'preference', 't1', 'alice', '\\x00'::bytea, repeat('x', 500)::bytea, 0"
+                " FROM generate_series(1, 20000) AS g"
+            )
+            statement, args = store._d.find_feedback_ids("demo", [f"new{i}" for i in range(500)] + ["id7"])
+            cur.execute("EXPLAIN " + statement, args)
+            plan = "\n".join(row[0] for row in cur.fetchall())
+            cur.execute(statement, args)
+            found = cur.fetchall()
+        conn.rollback()
+        assert "Index Cond: ((project = 'demo'::text) AND (feedback_id = k.feedback_id))" in plan, plan
+        assert [row[0] for row in found] == ["id7"]
+    finally:
+        store.close()
+        drop_postgres_schema(schema)

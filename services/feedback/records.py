@@ -15,6 +15,7 @@ rejected alone and its batch neighbours are stored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class Task:
     rating_scales: tuple[pb.RatingScale, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     annotations_wanted: int = 1
+
+    @functools.cached_property
+    def candidate_ids(self) -> frozenset[str]:
+        return frozenset(c.candidate_id for c in self.candidates)
 
     def to_proto(self) -> pb.LabelingTask:
         return pb.LabelingTask(
@@ -108,10 +113,15 @@ def _nbytes(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
+def _over(text: str, limit: int) -> bool:
+    """UTF-8 length above limit; a UTF-8 character takes at most 4 bytes, so short text needs no encoding."""
+    return len(text) * 4 > limit and _nbytes(text) > limit
+
+
 def _check_text(path: str, text: str, limit: int, required: bool) -> Rejection | None:
-    if required and not text.strip():
+    if required and (not text or text.isspace()):
         return Rejection(path, "must not be empty")
-    if _nbytes(text) > limit:
+    if _over(text, limit):
         return Rejection(path, f"is {_nbytes(text)} bytes; the limit is {limit}")
     return None
 
@@ -176,9 +186,9 @@ def _check_metadata(record: pb.FeedbackRecord, limits: Limits) -> Rejection | No
             f"has {len(record.metadata)} entries; the limit is {limits.max_metadata_entries}",
         )
     for key, value in record.metadata.items():
-        if _nbytes(key) > limits.max_metadata_key_bytes:
+        if _over(key, limits.max_metadata_key_bytes):
             return Rejection("metadata", f"key {key[:32]!r}... is longer than {limits.max_metadata_key_bytes} bytes")
-        if _nbytes(value) > limits.max_metadata_value_bytes:
+        if _over(value, limits.max_metadata_value_bytes):
             return Rejection(f"metadata[{key}]", f"is longer than {limits.max_metadata_value_bytes} bytes")
     return None
 
@@ -290,7 +300,7 @@ def check_against_task(record: pb.FeedbackRecord, task: Task | None) -> Rejectio
         return Rejection("project", f"task {task.task_id!r} belongs to another project")
     if record.prompt_id and record.prompt_id != task.prompt_id:
         return Rejection("prompt_id", f"task {task.task_id!r} has prompt_id {task.prompt_id!r}, not {record.prompt_id!r}")
-    ids = {c.candidate_id for c in task.candidates}
+    ids = task.candidate_ids
     kind = kind_of(record)
     if kind == "preference":
         p = record.preference

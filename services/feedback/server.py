@@ -13,6 +13,7 @@ nothing is acked before it is committed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,9 @@ async def serve_forever(cfg: FeedbackServiceConfig, ready_file: Path | None = No
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     server = FeedbackServer(cfg)
     await server.start()
+    # everything allocated so far lives as long as the process: keep it out of the
+    # collector's full passes, which otherwise stall the event loop on a busy server
+    gc.freeze()
     if ready_file is not None:
         ready_file.write_text(f"{server.port}\n")
     print(f"hitl feedback service listening on {server.address} (store {cfg.store})", flush=True)

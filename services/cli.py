@@ -3,8 +3,11 @@
     hitl feedback serve [--store URL] [--port N] [--tokens FILE] [--tls-cert C --tls-key K [--tls-client-ca CA]]
     hitl feedback submit FILE.jsonl [--server ADDR] [--token T] [--stream]
     hitl feedback tasks load FILE.jsonl [--store URL]
-    hitl feedback export --format hh-rlhf|jsonl [--store URL] [--project P] [--output FILE]
+    hitl feedback export --format hh-rlhf|ultrafeedback|jsonl|tasks-jsonl [--store URL] [--project P] [--output FILE]
+    hitl feedback import --format hh-rlhf|ultrafeedback|jsonl|tasks-jsonl FILE [--store URL] [--project P] [--annotator-id A] [--tasks FILE]
+    hitl adapters serve --feedback ADDR [--token T] [--port N] [--argilla-secret S]
     hitl feedback stats [--server ADDR] [--token T] [--project P]
+    hitl label --project P --annotator-id ME [--server ADDR] [--token T] [--journal FILE]
 """
 
 from __future__ import annotations
@@ -174,13 +177,13 @@ def tasks_load(path: str, store: str) -> None:
 
 
 @feedback.command()
-@click.option("--format", "fmt", type=click.Choice(["hh-rlhf", "jsonl"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["hh-rlhf", "ultrafeedback", "jsonl", "tasks-jsonl"]), required=True)
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URL.")
 @click.option("--project", "projects", multiple=True, help="Only these projects (repeatable).")
 @click.option("--after", type=int, default=0, show_default=True, help="Only records with seq above this watermark.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default="-", help="Output file (default stdout).")
 def export(fmt: str, store: str, projects: tuple[str, ...], after: int, output: str) -> None:
-    """Export chosen/rejected pairs (hh-rlhf) or raw records (jsonl)."""
+    """Export pairs (hh-rlhf), ratings (ultrafeedback), raw records (jsonl) or tasks (tasks-jsonl)."""
     from services.feedback.export import export_lines
     from services.feedback.jsonl import write_lines
     from services.feedback.store import open_store
@@ -192,6 +195,47 @@ def export(fmt: str, store: str, projects: tuple[str, ...], after: int, output: 
     finally:
         db.close()
     click.echo(f"wrote {n} lines", err=True)
+
+
+@feedback.command("import")
+@click.option("--format", "fmt", type=click.Choice(["hh-rlhf", "ultrafeedback", "jsonl", "tasks-jsonl"]), required=True)
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URL.")
+@click.option("--project", default=None, help="hh-rlhf/ultrafeedback: the project to import into (default 'default'); jsonl/tasks-jsonl: import only this project.")
+@click.option("--annotator-id", default=None, help="hh-rlhf/ultrafeedback: who the judgements are attributed to (default: the format's name).")
+@click.option("--tasks", "tasks_path", type=click.Path(exists=True, dir_okay=False), default=None, help="jsonl: publish the tasks of this tasks-jsonl file first.")
+def import_(fmt: str, path: str, store: str, project: str | None, annotator_id: str | None, tasks_path: str | None) -> None:
+    """Import HH-RLHF, UltraFeedback, raw records (jsonl) or tasks (tasks-jsonl) into a store."""
+    from services.feedback.formats import FormatError, import_file
+    from services.feedback.store import open_store
+
+    raw = fmt in ("jsonl", "tasks-jsonl")
+    if raw and annotator_id is not None:
+        _fail(f"--annotator-id does not apply to --format {fmt} (records name their annotators)")
+    if tasks_path is not None and fmt != "jsonl":
+        _fail("--tasks goes with --format jsonl")
+    db = open_store(store)
+    try:
+        reports = []
+        if tasks_path is not None:
+            reports.append(import_file(db, "tasks-jsonl", Path(tasks_path), only_projects=[project] if project else None))
+        if raw:
+            reports.append(import_file(db, fmt, Path(path), only_projects=[project] if project else None))
+        else:
+            reports.append(import_file(db, fmt, Path(path), project=project or "default", annotator_id=annotator_id))
+    except FormatError as err:
+        _fail(str(err))
+    finally:
+        db.close()
+    summary: dict[str, int] = {}
+    for report in reports:
+        for error in report.errors:
+            click.echo(error, err=True)
+        for key, value in report.summary().items():
+            summary[key] = summary.get(key, 0) + value
+    click.echo(json.dumps(summary))
+    if summary["errors"]:
+        sys.exit(1)
 
 
 @feedback.command()
@@ -209,6 +253,47 @@ def stats(server: str, token: str | None, tls_ca, client_cert, client_key, proje
         except FeedbackClientError as err:
             _fail(str(err))
     click.echo(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
+
+
+from services.labeling.command import label  # noqa: E402
+
+main.add_command(label)
+
+
+@main.group()
+def adapters() -> None:
+    """Receivers for the webhooks of labeling tools (Argilla, Label Studio)."""
+
+
+@adapters.command("serve")
+@click.option("--feedback", "feedback_addr", default="127.0.0.1:50051", show_default=True, help="Feedback service address.")
+@click.option("--token", envvar="HITL_TOKEN", default=None, help="Bearer token for the feedback service (or $HITL_TOKEN).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA bundle: reach the service with TLS.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
+@click.option("--port", type=int, default=8088, show_default=True, help="HTTP port.")
+@click.option("--project", default="default", show_default=True, help="Project of records whose payload names none.")
+@click.option("--argilla-secret", envvar="HITL_ARGILLA_SECRET", default=None, help="Argilla webhook secret (whsec_...): verify signatures.")
+@click.option("--label-studio-token", envvar="HITL_LABEL_STUDIO_TOKEN", default=None, help="Require 'Authorization: Token T' on Label Studio webhooks.")
+def adapters_serve(feedback_addr: str, token: str | None, tls_ca: str | None, host: str, port: int, project: str,
+                   argilla_secret: str | None, label_studio_token: str | None) -> None:
+    """Serve POST /argilla and POST /label-studio until SIGINT/SIGTERM."""
+    from aiohttp import web
+
+    from services.adapters.app import make_app
+    from services.feedback.client import Backoff, FeedbackClient
+
+    if not argilla_secret:
+        logging.getLogger("hitl.adapters").warning("no --argilla-secret: Argilla webhook signatures are not checked")
+    # Argilla waits 20 s for an answer and then retries: give up on the service before that
+    client = FeedbackClient(feedback_addr, token, root_certificates=tls_ca, timeout_s=10.0, backoff=Backoff(give_up_after_s=15.0))
+    try:
+        app = make_app(client, project=project, argilla_secret=argilla_secret, label_studio_token=label_studio_token)
+    except ValueError as err:
+        _fail(str(err))
+    try:
+        web.run_app(app, host=host, port=port, print=lambda msg: click.echo(msg, err=True))
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

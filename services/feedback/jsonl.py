@@ -1,4 +1,4 @@
-"""JSONL in and out: records and tasks as proto3 JSON, and HH-RLHF pairs.
+"""JSONL in and out: records and tasks as proto3 JSON (other formats: formats.py).
 
 A record line is a `FeedbackRecord` in the proto3 JSON mapping (field names
 as in the .proto, e.g. `{"feedback_id": "...", "preference": {...}}`); a task
@@ -8,7 +8,6 @@ line is a `LabelingTask` plus an optional `annotations_wanted`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
@@ -57,46 +56,23 @@ def read_tasks(path: Path) -> Iterator[Task]:
         yield Task.from_proto(msg, annotations_wanted=wanted)
 
 
+def _sorted_metadata(body: dict) -> dict:
+    # map fields come out of protobuf in no particular order; sorted, a line is reproducible
+    if "metadata" in body:
+        body["metadata"] = dict(sorted(body["metadata"].items()))
+    return body
+
+
 def record_to_json(stored: StoredRecord) -> str:
-    body = json_format.MessageToDict(stored.record, preserving_proto_field_name=True)
+    body = _sorted_metadata(json_format.MessageToDict(stored.record, preserving_proto_field_name=True))
     return json.dumps({"seq": stored.seq, "received_at": stored.received_at, "record": body}, ensure_ascii=False)
 
 
-@dataclass(frozen=True)
-class Pair:
-    """A chosen/rejected pair of one prompt, from a preference or a ranking."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-    feedback_id: str
-    annotator_id: str
-
-
-def pairs_of(record: pb.FeedbackRecord, task: Task) -> list[Pair]:
-    """Strict preferences as pairs; ties and both-bad give none; rankings expand."""
-    text = {c.candidate_id: c.text for c in task.candidates}
-    kind = record.WhichOneof("judgement")
-    out: list[Pair] = []
-    if kind == "preference":
-        p = record.preference
-        if p.choice == pb.Preference.CHOICE_A:
-            out.append(Pair(task.prompt, text[p.candidate_a_id], text[p.candidate_b_id], record.feedback_id, record.annotator_id))
-        elif p.choice == pb.Preference.CHOICE_B:
-            out.append(Pair(task.prompt, text[p.candidate_b_id], text[p.candidate_a_id], record.feedback_id, record.annotator_id))
-    elif kind == "ranking":
-        entries = sorted(record.ranking.entries, key=lambda e: e.rank)
-        for i, better in enumerate(entries):
-            for worse in entries[i + 1 :]:
-                if better.rank < worse.rank:
-                    out.append(Pair(task.prompt, text[better.candidate_id], text[worse.candidate_id], record.feedback_id, record.annotator_id))
-    return out
-
-
-def hh_rlhf_line(pair: Pair) -> str:
-    """The Anthropic HH-RLHF layout: whole dialogues under `chosen` and `rejected`."""
-    head = f"\n\nHuman: {pair.prompt}\n\nAssistant: "
-    return json.dumps({"chosen": head + pair.chosen, "rejected": head + pair.rejected}, ensure_ascii=False)
+def task_to_json(task: Task) -> str:
+    """A task line as `read_tasks` reads it (and `hitl feedback tasks load` loads it)."""
+    body = _sorted_metadata(json_format.MessageToDict(task.to_proto(), preserving_proto_field_name=True))
+    body["annotations_wanted"] = task.annotations_wanted
+    return json.dumps(body, ensure_ascii=False)
 
 
 def write_lines(lines: Iterable[str], out: TextIO) -> int:

@@ -28,6 +28,7 @@ def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     gcs, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_DASHBOARD_STARTUP_TIMEOUT_S"] = "600"  # the job API needs the dashboard; it starts slowly on a busy 2-core machine
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=8", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
@@ -42,7 +43,7 @@ def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
         config = tmp_path / "job.yaml"
         config.write_text(yaml.safe_dump(data))
         address = f"http://127.0.0.1:{dashboard}"
-        for _ in range(120):
+        for _ in range(600):
             probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env, capture_output=True, text=True)
             if probe.returncode == 0:
                 break

@@ -1,0 +1,163 @@
+"""Argilla webhooks -> feedback records.
+
+Argilla (>= 2.4) sends webhooks as Standard Webhooks: a JSON body
+`{"type": "response.created", "version": 1, "timestamp": ..., "data": {...}}`
+with the headers `webhook-id`, `webhook-timestamp` (Unix seconds) and
+`webhook-signature` (`v1,<base64 HMAC-SHA256 of "id.timestamp.body">`, keyed
+with the base64 part of the `whsec_...` secret). Argilla retries a failed
+delivery up to 3 times, each time with a new message id, so idempotency rests
+on the response's own id and `updated_at`, never on `webhook-id`.
+
+Mapping (documented in docs/ARCHITECTURE.md, "Data in and out"):
+
+* Events: `response.created` and `response.updated` with `data.status ==
+  "submitted"` give records; drafts, discarded responses and every other event
+  are acknowledged and ignored (`response.deleted` too: stored records are
+  never deleted).
+* The hitl task: `data.record.external_id` is the task id;
+  `data.record.metadata.candidate_ids` lists the task's candidate ids (in the
+  order of the record's response fields); `data.record.metadata.project`
+  overrides the receiver's default project; `data.record.metadata.
+  rated_candidate_id` names the candidate that ratings and corrections are
+  about (default: the first).
+* Questions (by name): `preference` (label selection: A, B, tie, both-bad) ->
+  preference of the first two candidates; `ranking` (ranking over candidate
+  ids) -> ranking; `rating` (aspect "overall") and `rating_<aspect>` ->
+  ratings; `correction` (text) -> correction; `note` or `comments` (text) ->
+  the correction's note, else record metadata. Other questions are ignored.
+* The annotator: `argilla:<data.user.username>` (or the user id).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from typing import Any, Mapping
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+
+from services.adapters.common import Judgement, PayloadError, choice_of, get, to_records
+
+RESPONSE_EVENTS = ("response.created", "response.updated")
+TOLERANCE_S = 300  # Standard Webhooks' suggested window for webhook-timestamp
+
+
+class SignatureError(ValueError):
+    """The delivery is not signed by the holder of the secret (or is stale)."""
+
+
+def _secret_key(secret: str) -> bytes:
+    raw = secret[len("whsec_") :] if secret.startswith("whsec_") else secret
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"webhook secret: not base64 after 'whsec_' ({err})") from None
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value Argilla would send."""
+    mac = hmac.new(_secret_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None, tolerance_s: float = TOLERANCE_S) -> None:
+    """Raises SignatureError unless the headers carry a valid, fresh signature of body."""
+    msg_id = headers.get("webhook-id")
+    stamp = headers.get("webhook-timestamp")
+    signatures = headers.get("webhook-signature")
+    if not msg_id or not stamp or not signatures:
+        raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
+    try:
+        ts = int(stamp)
+    except ValueError:
+        raise SignatureError("webhook-timestamp is not an integer") from None
+    now = time.time() if now is None else now
+    if abs(now - ts) > tolerance_s:
+        raise SignatureError(f"webhook-timestamp is {int(now - ts)} s away from now (tolerance {int(tolerance_s)} s)")
+    expected = sign(secret, msg_id, ts, body).split(",", 1)[1]
+    for candidate in signatures.split():
+        version, _, value = candidate.partition(",")
+        if version == "v1" and hmac.compare_digest(value.encode(), expected.encode()):
+            return
+    raise SignatureError("no valid v1 signature")
+
+
+def judgement_of(event: Any, default_project: str) -> Judgement | None:
+    """The judgement of a response event, or None for events that carry none."""
+    if not isinstance(event, dict):
+        raise PayloadError("body", "must be a JSON object")
+    kind = get(event, "type", str)
+    if kind not in RESPONSE_EVENTS:
+        return None
+    data = get(event, "data", dict)
+    status = get(data, "status", str)
+    if status != "submitted":
+        return None
+    response_id = get(data, "id", str)
+    updated_at = get(data, "updated_at", str)
+    values = get(data, "values", dict)
+    record = get(event, "data.record", dict)
+    task_id = get(event, "data.record.external_id", str)
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise PayloadError("data.record.metadata", "must be an object")
+    user = get(event, "data.user", dict)
+    who = user.get("username") or user.get("id")
+    if not isinstance(who, str) or not who:
+        raise PayloadError("data.user.username", "is required")
+    candidates = metadata.get("candidate_ids") or []
+    if not isinstance(candidates, list):
+        raise PayloadError("data.record.metadata.candidate_ids", "must be a list of candidate ids")
+    project = metadata.get("project") or default_project
+    rated = metadata.get("rated_candidate_id") or ""
+    if not isinstance(project, str) or not isinstance(rated, str):
+        raise PayloadError("data.record.metadata", "project and rated_candidate_id must be strings")
+    j = Judgement(
+        tool="argilla",
+        annotation_id=response_id,
+        updated_at=updated_at,
+        project=project,
+        task_id=task_id,
+        annotator_id=f"argilla:{who}",
+        candidate_ids=[str(c) for c in candidates],
+        rated_candidate_id=rated,
+        metadata={"argilla.record_id": str(record.get("id", ""))},
+        candidates_path="data.record.metadata.candidate_ids",
+    )
+    for name, answer in values.items():
+        where = f"data.values.{name}.value"
+        if not isinstance(answer, dict) or "value" not in answer:
+            raise PayloadError(f"data.values.{name}", "must be an object with a value")
+        value = answer["value"]
+        if name == "preference":
+            if not isinstance(value, str):
+                raise PayloadError(where, "must be a label")
+            j.preference = choice_of(value, where)
+        elif name == "ranking":
+            if not isinstance(value, list) or not value:
+                raise PayloadError(where, "must be a list of {value, rank}")
+            for i, item in enumerate(value):
+                if not isinstance(item, dict) or not isinstance(item.get("value"), str) or not isinstance(item.get("rank"), int) or isinstance(item.get("rank"), bool):
+                    raise PayloadError(f"{where}[{i}]", "must be {value: candidate id, rank: integer}")
+                j.ranking.append((item["value"], item["rank"]))
+        elif name == "rating" or name.startswith("rating_"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PayloadError(where, "must be a number")
+            j.ratings.append((name[len("rating_") :] if name != "rating" else "overall", float(value)))
+        elif name == "correction":
+            if not isinstance(value, str):
+                raise PayloadError(where, "must be text")
+            j.correction = value
+        elif name in ("note", "comments"):
+            if not isinstance(value, str):
+                raise PayloadError(where, "must be text")
+            j.note = value
+    return j
+
+
+def records_of(event: Any, default_project: str) -> list[pb.FeedbackRecord]:
+    j = judgement_of(event, default_project)
+    return [] if j is None else to_records(j)

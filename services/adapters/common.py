@@ -1,0 +1,150 @@
+"""What the tool adapters share: payload errors, the judgement a tool's
+annotation expresses, and its translation into feedback records.
+
+Idempotency: a record's `feedback_id` is derived from the tool's own
+annotation id and the annotation's update time (plus the judgement kind, as
+one annotation can give several records). A redelivered event therefore gives
+the same ids and the same content, which the service answers DUPLICATE; an
+edited annotation has a new update time, hence new ids: a new record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from hitl.feedback.v1 import feedback_pb2 as pb
+
+CHOICES = {
+    "a": pb.Preference.CHOICE_A,
+    "b": pb.Preference.CHOICE_B,
+    "tie": pb.Preference.CHOICE_TIE,
+    "both-bad": pb.Preference.CHOICE_BOTH_BAD,
+}
+_CHOICE_ALIASES = {"response-a": "a", "candidate-a": "a", "response-b": "b", "candidate-b": "b", "neither": "both-bad", "bothbad": "both-bad"}
+
+
+class PayloadError(ValueError):
+    """A webhook body that cannot be turned into records; `field` is its JSON path."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def get(obj: Any, path: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    """obj's value at the dotted `path`, checked to be of `kind`."""
+    value = obj
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            raise PayloadError(path, "missing (its parent is not an object)")
+        if part not in value or value[part] is None:
+            if required:
+                raise PayloadError(path, "is required")
+            return None
+        value = value[part]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise PayloadError(path, f"must be {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise PayloadError(path, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def choice_of(label: str, where: str) -> int:
+    key = label.strip().lower().replace("_", "-").replace(" ", "-")
+    key = _CHOICE_ALIASES.get(key, key)
+    if key not in CHOICES:
+        raise PayloadError(where, f"{label!r} is not one of A, B, tie, both-bad")
+    return CHOICES[key]
+
+
+@dataclass
+class Judgement:
+    """What one annotation of a tool says, in the service's terms."""
+
+    tool: str  # "argilla" | "label-studio"
+    annotation_id: str  # the tool's response / annotation id
+    updated_at: str  # the tool's update time of that annotation, as sent
+    project: str
+    task_id: str
+    annotator_id: str
+    candidate_ids: list[str] = field(default_factory=list)
+    rated_candidate_id: str = ""  # the candidate ratings and corrections are about
+    preference: int | None = None
+    ranking: list[tuple[str, int]] = field(default_factory=list)
+    ratings: list[tuple[str, float]] = field(default_factory=list)  # (aspect, value)
+    correction: str | None = None
+    note: str = ""
+    lead_time_seconds: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    candidates_path: str = "candidate_ids"  # where candidate ids come from, for error messages
+
+
+def feedback_id(tool: str, annotation_id: str, updated_at: str, kind: str) -> str:
+    fid = f"{tool}:{annotation_id}:{updated_at}:{kind}"
+    if len(fid.encode("utf-8")) <= 128:
+        return fid
+    return f"{tool}:" + hashlib.sha256(fid.encode("utf-8")).hexdigest()
+
+
+def _timestamp(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment
+
+
+def to_records(j: Judgement) -> list[pb.FeedbackRecord]:
+    """The feedback records a judgement gives (several kinds can come from one annotation)."""
+
+    def needs_candidates(n: int = 2) -> list[str]:
+        if len(j.candidate_ids) < n or not all(isinstance(c, str) and c for c in j.candidate_ids):
+            raise PayloadError(j.candidates_path, f"must list the task's candidate ids (at least {n})")
+        return j.candidate_ids
+
+    def rated() -> str:
+        return j.rated_candidate_id or needs_candidates(1)[0]
+
+    judgements: list[tuple[str, dict]] = []
+    if j.preference is not None:
+        a, b = needs_candidates()[:2]
+        judgements.append(("preference", {"preference": pb.Preference(candidate_a_id=a, candidate_b_id=b, choice=j.preference)}))
+    if j.ranking:
+        judgements.append(("ranking", {"ranking": pb.Ranking(entries=[pb.Ranking.Entry(candidate_id=c, rank=r) for c, r in j.ranking])}))
+    if j.ratings:
+        cid = rated()
+        judgements.append(("ratings", {"ratings": pb.Ratings(entries=[pb.Ratings.Entry(candidate_id=cid, aspect=a, value=v) for a, v in j.ratings])}))
+    if j.correction is not None and j.correction.strip():
+        judgements.append(("correction", {"correction": pb.Correction(candidate_id=rated(), corrected_text=j.correction, note=j.note)}))
+    meta = {"source": j.tool, f"{j.tool}.annotation_id": j.annotation_id, f"{j.tool}.updated_at": j.updated_at, **j.metadata}
+    if j.note and j.correction is None:
+        meta["note"] = j.note
+    records = []
+    for kind, body in judgements:
+        record = pb.FeedbackRecord(
+            feedback_id=feedback_id(j.tool, j.annotation_id, j.updated_at, kind),
+            project=j.project,
+            task_id=j.task_id,
+            annotator_id=j.annotator_id,
+            metadata=meta,
+            **body,
+        )
+        if j.lead_time_seconds is not None:
+            record.lead_time_seconds = j.lead_time_seconds
+        moment = _timestamp(j.updated_at)
+        if moment is not None:
+            if moment.tzinfo is None:  # Argilla sends naive UTC times
+                moment = moment.replace(tzinfo=timezone.utc)
+            record.client_time.FromDatetime(moment)
+        records.append(record)
+    return records

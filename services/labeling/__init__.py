@@ -1,0 +1,1 @@
+"""Labeling by people: the terminal session (`hitl label`) and its local journal."""

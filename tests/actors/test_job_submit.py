@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,17 +25,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dashboard_up(address: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{address}/api/version", timeout=3):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     gcs, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_DASHBOARD_STARTUP_TIMEOUT_S"] = "600"  # the job API needs the dashboard; it starts slowly on a busy 2-core machine
+    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway cluster on loopback: no token to hand around
+    ray_tmp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=8", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+         f"--temp-dir={ray_tmp}"],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         cfg = tiny_run_config(tmp_path, rounds=1)
@@ -43,11 +59,11 @@ def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
         config = tmp_path / "job.yaml"
         config.write_text(yaml.safe_dump(data))
         address = f"http://127.0.0.1:{dashboard}"
-        for _ in range(600):
-            probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(1)
+        deadline = time.monotonic() + 600
+        while not dashboard_up(address):
+            assert head.poll() is None, "ray start --head exited:\n" + (tmp_path / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the dashboard (job API) did not come up"
+            time.sleep(2)
         job = subprocess.run(
             [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
              "hitl", "run", str(config)],
@@ -59,8 +75,11 @@ def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
         report = json.loads((tmp_path / "run" / "report.json").read_text())
         assert len(report["rounds"]) == 1 and report["rounds"][0]["feedback"]["used/preference"] >= 8
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,319 @@
+"""Throughput of one full PPO-family iteration against TRL's GRPOTrainer, in the same run.
+
+    DS_ACCELERATOR=cpu python bench/ppo_step.py --quick
+
+One iteration = generate (KV cache, fixed length: min_new_tokens = max_new_tokens on both
+sides), score every response with the reward model (``rlhf.reward``; the same instance on
+both sides), reference log-probs (and values, for PPO), one optimiser step on the batch.
+
+Rows, per model (the tiny random Llama, and SmolLM2-135M-Instruct with LoRA):
+- ``hitl grpo``: ``PPOTrainer`` with the group-normalised estimator, KL (k3) in the loss, one
+  epoch of one minibatch -- the same algorithm and amount of work as TRL's GRPO defaults
+  with ``beta > 0`` and ``num_iterations = 1``.
+- ``hitl ppo``: PPO with GAE, the KL (k1) in the reward and a value-head critic on the
+  policy's backbone (the default ``CriticConfig``): the rollout forward also yields values and
+  old log-probs, and the update trains policy and head together -- work TRL's GRPO does not do.
+- ``trl grpo``: ``trl.GRPOTrainer``, same model weights, LoRA settings, prompts, batch
+  (prompts x group), generation length, sampling settings, reward model, learning rate.
+
+The three systems run interleaved (a TRL step, then one iteration of each hitl trainer, and
+again), so that they share whatever else loads the machine. Times are wall-clock, of the
+fastest measured iteration after a warm-up one (on a shared CPU the least disturbed run
+estimates the cost best; the median is printed too); TRL's are split
+by timing its own methods (``_generate_single_turn``, ``_calculate_rewards``, and the no-grad
+calls of ``_get_per_token_logps_and_entropies``); the rest of its step counts as update. The
+last printed line is one JSON object; ``vs_trl`` compares ``hitl grpo`` with ``trl grpo`` on
+SmolLM2-135M + LoRA (the tiny model's numbers are also in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from rlhf.models import CriticConfig, LoraConfig, ModelConfig, build_critic, load_policy  # noqa: E402
+from rlhf.ppo import DeepSpeedConfig, PPOConfig  # noqa: E402
+from rlhf.reward import RewardConfig, build_reward_model  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me a tip for staying focused.",
+    "Why is the sky blue?",
+    "Name three fruits.",
+    "How do plants grow?",
+    "Write a haiku about rain.",
+    "What is two plus two?",
+    "Describe a cat in one sentence.",
+]
+
+
+@dataclass
+class Setup:
+    name: str
+    model: ModelConfig
+    lora: LoraConfig
+    prompts: int  # per iteration
+    group: int  # responses per prompt
+    new_tokens: int
+    lr: float
+
+
+@dataclass
+class Result:
+    system: str
+    iteration_s: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, total: float, parts: dict[str, float]) -> None:
+        self.iteration_s.append(total)
+        for k, v in parts.items():
+            self.parts.setdefault(k, []).append(v)
+
+    def best(self, key: str | None = None) -> float:
+        """The fastest measured iteration (or its part): on a shared CPU the least disturbed
+        run is the best estimate of the cost itself."""
+        if key is None:
+            return min(self.iteration_s)
+        i = self.iteration_s.index(min(self.iteration_s))
+        return self.parts.get(key, [0.0] * len(self.iteration_s))[i]
+
+    def median(self) -> float:
+        return statistics.median(self.iteration_s)
+
+
+def chat_prompts(tokenizer, n: int) -> list[str]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(n)
+    ]
+
+
+def reward_fn_of(reward_model):
+    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return reward_model.score(prompts, responses)
+
+    return score
+
+
+# --------------------------------------------------------------------------- hitl
+class HitlRun:
+    """A ``PPOTrainer`` on the setup, stepped one iteration at a time."""
+
+    def __init__(self, setup: Setup, estimator: str, reward_model, threads: int) -> None:
+        from rlhf.ppo.trainer import PPOTrainer
+
+        self.setup, self.threads = setup, threads
+        policy, tokenizer = load_policy(setup.model, setup.lora)
+        samples = setup.prompts * setup.group
+        cfg = PPOConfig(
+            advantage_estimator=estimator, rollout_batch_size=setup.prompts, group_size=setup.group,
+            max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, temperature=1.0,
+            minibatch_size=samples, ppo_epochs=1, policy_lr=setup.lr, critic_lr=setup.lr,
+            kl_coef=0.04, kl_estimator="k3" if estimator == "grpo" else "k1",
+            kl_in="loss" if estimator == "grpo" else "reward", max_prompt_tokens=512, seed=0,
+        )
+        critic = None
+        if cfg.uses_critic:
+            critic = build_critic(CriticConfig(kind="value_head"), policy, setup.model, tokenizer)
+        self.trainer = PPOTrainer(policy, tokenizer, reward_fn_of(reward_model), cfg, DeepSpeedConfig(zero_stage=0), critic)
+        self.prompts = chat_prompts(tokenizer, setup.prompts)
+        self.result = Result(f"hitl {'ppo' if estimator == 'gae' else estimator}")
+        self.done = 0
+
+    def iteration(self, measured: bool) -> None:
+        torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        metrics = self.trainer.step(self.prompts)
+        total = time.perf_counter() - start
+        if metrics["response_length"] != self.setup.new_tokens:
+            raise RuntimeError(f"hitl generated {metrics['response_length']} tokens, not {self.setup.new_tokens}")
+        t = self.trainer.timings
+        print(f"  {self.result.system} iteration {self.done}: {total:.2f}s "
+              + " ".join(f"{k}={v:.2f}" for k, v in t.items()), file=sys.stderr, flush=True)
+        self.done += 1
+        if measured:
+            self.result.add(total, {"generate": t["generate"], "score": t["score"],
+                                    "ref_values": t["logprobs_values"], "update": t["update"]})
+
+
+# --------------------------------------------------------------------------- TRL
+def run_trl_interleaved(setup: Setup, reward_model, warmup: int, iters: int, others: list[HitlRun],
+                        threads: int) -> Result:
+    """TRL's GRPOTrainer for warmup + iters steps; after each of its steps, one iteration of
+    each of ``others``, so that all systems see the same load on a shared machine."""
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    policy, tokenizer = load_policy(setup.model, None)  # TRL adds the adapters itself
+    model_init_kwargs = None
+    if not setup.lora.enabled:
+        # without adapters TRL loads its reference copy from the policy's path
+        path = tempfile.mkdtemp(prefix="trl-bench-model-")
+        policy.save_pretrained(path)
+        policy, model_init_kwargs = path, {"dtype": torch.float32}
+    samples = setup.prompts * setup.group
+    prompts = chat_prompts(tokenizer, setup.prompts)
+    # each TRL step takes `samples / group` prompts from the dataset, in a seeded order
+    dataset = Dataset.from_dict({"prompt": prompts * (warmup + iters + 2)})
+    score = reward_fn_of(reward_model)
+
+    def reward(prompts, completions, **kwargs):
+        return score(list(prompts), list(completions)).tolist()
+
+    reward.__name__ = "reward_model"
+    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    args = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=samples, num_generations=setup.group,
+        max_completion_length=setup.new_tokens, generation_kwargs={"min_new_tokens": setup.new_tokens},
+        temperature=1.0, top_p=1.0, top_k=0, beta=0.04, num_iterations=1, learning_rate=setup.lr,
+        gradient_accumulation_steps=1, max_steps=warmup + iters, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, disable_tqdm=True,
+        model_init_kwargs=model_init_kwargs,
+    )
+    peft_config = None
+    if setup.lora.enabled:
+        peft_config = PeftLoraConfig(
+            r=setup.lora.rank, lora_alpha=setup.lora.alpha, lora_dropout=setup.lora.dropout,
+            target_modules=list(setup.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config)
+    parts: dict[str, float] = {}
+
+    def timed(name, fn, only_no_grad=False):
+        def wrapper(*a, **kw):
+            if only_no_grad and torch.is_grad_enabled():
+                return fn(*a, **kw)
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                parts[name] = parts.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    trainer._generate_single_turn = timed("generate", trainer._generate_single_turn)
+    trainer._calculate_rewards = timed("score", trainer._calculate_rewards)
+    trainer._get_per_token_logps_and_entropies = timed(
+        "ref_values", trainer._get_per_token_logps_and_entropies, only_no_grad=True
+    )
+    result = Result("trl grpo")
+    lengths: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.set_num_threads(threads)
+            parts.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            total = time.perf_counter() - self.start
+            print(f"  trl grpo iteration {state.global_step - 1}: {total:.2f}s "
+                  + " ".join(f"{k}={v:.2f}" for k, v in parts.items()), file=sys.stderr, flush=True)
+            measured = state.global_step > warmup
+            if measured:
+                known = parts.get("generate", 0.0) + parts.get("score", 0.0) + parts.get("ref_values", 0.0)
+                result.add(total, {**parts, "update": total - known})
+            for other in others:
+                other.iteration(measured)
+            torch.set_num_threads(threads)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    if any(abs(length - setup.new_tokens) > 1e-6 for length in lengths):
+        raise RuntimeError(f"TRL generated {lengths} tokens, not {setup.new_tokens}")
+    return result
+
+
+# --------------------------------------------------------------------------- report
+def table(setup: Setup, results: list[Result]) -> list[str]:
+    samples = setup.prompts * setup.group
+    lines = [
+        f"\n== {setup.name}: {setup.prompts} prompts x {setup.group} samples = {samples} responses of "
+        f"{setup.new_tokens} tokens, {torch.get_num_threads()} torch thread(s), best of {len(results[0].iteration_s)} "
+        f"interleaved iterations ==",
+        f"{'system':<11} {'iter s':>8} {'samples/s':>10} {'tokens/s':>9} {'generate':>9} {'score':>7} "
+        f"{'ref+val':>8} {'update':>8} {'median s':>9}",
+    ]
+    for r in results:
+        t = r.best()
+        lines.append(
+            f"{r.system:<11} {t:8.2f} {samples / t:10.2f} {samples * setup.new_tokens / t:9.1f} "
+            f"{r.best('generate'):9.2f} {r.best('score'):7.2f} {r.best('ref_values'):8.2f} "
+            f"{r.best('update'):8.2f} {r.median():9.2f}"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer iterations and samples (under 5 minutes)")
+    ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (both sides); 1 is steadier on a shared CPU")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warmup, iters = (1, 3) if args.quick else (1, 5)
+    lora = LoraConfig(enabled=True, rank=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    setups = [
+        Setup("tiny random Llama (full fine-tuning)", ModelConfig(source="tiny", hidden_size=64, num_layers=2,
+              num_heads=4, intermediate_size=128), LoraConfig(enabled=False), 4, 4, 32, 1e-4),
+    ]
+    if not args.skip_smollm2:
+        setups.append(Setup("SmolLM2-135M-Instruct + LoRA", ModelConfig(source="smollm2"), lora,
+                            2 if args.quick else 4, 4, 24 if args.quick else 32, 1e-5))
+    summary: dict[str, float | str] = {}
+    printed: list[str] = []
+    for setup in setups:
+        # a random (untrained) head: scores vary across responses, so advantages are not all zero
+        reward_model = build_reward_model(RewardConfig(head_init_std=0.05), setup.model)
+        runs = [HitlRun(setup, "grpo", reward_model, args.threads), HitlRun(setup, "gae", reward_model, args.threads)]
+        trl = run_trl_interleaved(setup, reward_model, warmup, iters, runs, args.threads)
+        hitl_grpo, hitl_ppo = runs[0].result, runs[1].result
+        lines = table(setup, [hitl_grpo, hitl_ppo, trl])
+        printed += lines
+        print("\n".join(lines), flush=True)
+        samples = setup.prompts * setup.group
+        key = "tiny" if setup.model.source == "tiny" else "smollm2_lora"
+        summary[f"{key}_samples_per_s"] = samples / hitl_grpo.best()
+        summary[f"{key}_ppo_samples_per_s"] = samples / hitl_ppo.best()
+        summary[f"{key}_trl_samples_per_s"] = samples / trl.best()
+        summary[f"{key}_vs_trl"] = trl.best() / hitl_grpo.best()
+        summary[f"{key}_ppo_vs_trl"] = trl.best() / hitl_ppo.best()
+        summary[f"{key}_tokens_per_s"] = samples * setup.new_tokens / hitl_grpo.best()
+    main_key = "smollm2_lora" if not args.skip_smollm2 else "tiny"
+    summary = {
+        "samples_per_s": summary[f"{main_key}_samples_per_s"],
+        "trl_samples_per_s": summary[f"{main_key}_trl_samples_per_s"],
+        "vs_trl": summary[f"{main_key}_vs_trl"],
+        "model": main_key,
+        **summary,
+    }
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
+
+
+if __name__ == "__main__":
+    main()

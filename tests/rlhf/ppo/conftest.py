@@ -1,0 +1,18 @@
+"""PPO tests run DeepSpeed on the CPU unless a GPU is present, one torch thread per process
+(steadier on a shared machine; the multi-process tests set the same in their children)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

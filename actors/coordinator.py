@@ -286,8 +286,9 @@ class Coordinator:
         from services.generation.engine import GenerateRequest
 
         prompts = [self.train_prompts[(r * c.tasks_per_round + i) % len(self.train_prompts)] for i in range(c.tasks_per_round)]
+        # one seed for the round: requests with equal sampling settings share a batch
         requests = [GenerateRequest(prompt=None, messages=(("user", p),), n=2, temperature=c.task_temperature,
-                                    max_new_tokens=self.cfg.ppo.max_new_tokens, seed=r * 100_003 + i) for i, p in enumerate(prompts)]
+                                    max_new_tokens=self.cfg.ppo.max_new_tokens, seed=r * 100_003) for p in prompts]
         results = self._generate(requests)
         tasks = []
         for i, (prompt, res) in enumerate(zip(prompts, results)):

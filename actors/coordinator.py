@@ -228,6 +228,9 @@ class Coordinator:
             if hasattr(self, "feedback_actor"):
                 ray.get(self.feedback_actor.stop.remote(), timeout=30)
             serve.delete("hitl-generation")
+            from services.generation.server import get_broadcaster
+
+            ray.kill(get_broadcaster())  # the next run's versions start afresh
             self.placement.release()
         except Exception:  # noqa: BLE001 - best effort at exit
             log.exception("shutdown")
@@ -415,11 +418,13 @@ class Coordinator:
             self.state = RunState(initial_eval_answers=initial)
             if not initial:
                 self._initial_eval()
-        # serve exactly the restored weights, under a version newer than anything served before
+        # serve exactly the restored weights: under the checkpoint's version when the server is
+        # behind it (a fresh start), under a newer one when it served a lost round's weights
         served = self.generation.policy_version.remote().result()
         if served != self.state.policy_version:
             exported = self.trainers.export_weights()
-            self.state.policy_version = max(served, self.state.policy_version) + 1
+            if served > self.state.policy_version:
+                self.state.policy_version = served + 1
             publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
 
     def _write_reports(self) -> None:

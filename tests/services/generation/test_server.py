@@ -23,6 +23,7 @@ def gen_server(ray_session):
 
     from services.generation.server import start_generation_server
 
+    serve.shutdown()  # an earlier test's Serve instance may hold other HTTP options
     cfg = GenerationConfig(replicas=2, num_cpus=0.5, http_port=PORT, max_batch_size=8, batch_wait_timeout_s=0.05,
                            sampling=SamplingDefaults(max_new_tokens=8, temperature=0.0))
     handle = start_generation_server(MODEL, LORA, cfg)

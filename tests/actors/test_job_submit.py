@@ -64,11 +64,15 @@ def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
             assert head.poll() is None, "ray start --head exited:\n" + (tmp_path / "head.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the dashboard (job API) did not come up"
             time.sleep(2)
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "hitl", "run", str(config)],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
+        while True:  # the API answers before the node's job agent is up; it says "try again later"
+            job = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                 "hitl", "run", str(config)],
+                env=env, capture_output=True, text=True, timeout=900,
+            )
+            if "No available agent" not in job.stderr + job.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         summary = next(json.loads(l) for l in job.stdout.splitlines() if l.startswith("{") and '"run_dir"' in l)
         assert summary["rounds"] == 1

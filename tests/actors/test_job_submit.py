@@ -48,6 +48,9 @@ def test_job_submit_runs_a_round_on_a_running_cluster(tmp_path):
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=8", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         # ports of their own, so that another Ray on this machine cannot take the job agent's
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--temp-dir={ray_tmp}"],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )

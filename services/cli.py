@@ -8,6 +8,7 @@
     hitl adapters serve --feedback ADDR [--token T] [--port N] [--argilla-secret S]
     hitl feedback stats [--server ADDR] [--token T] [--project P]
     hitl label --project P --annotator-id ME [--server ADDR] [--token T] [--journal FILE]
+    hitl label-web --project P [--server ADDR] [--token T] [--port N] [--config FILE]
 """
 
 from __future__ import annotations
@@ -256,8 +257,10 @@ def stats(server: str, token: str | None, tls_ca, client_cert, client_key, proje
 
 
 from services.labeling.command import label  # noqa: E402
+from services.labeling.web.command import label_web  # noqa: E402
 
 main.add_command(label)
+main.add_command(label_web)
 
 
 @main.group()

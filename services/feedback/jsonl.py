@@ -2,7 +2,9 @@
 
 A record line is a `FeedbackRecord` in the proto3 JSON mapping (field names
 as in the .proto, e.g. `{"feedback_id": "...", "preference": {...}}`); a task
-line is a `LabelingTask` plus an optional `annotations_wanted`.
+line is a `LabelingTask` plus an optional `annotations_wanted` and an optional
+`gold`: the known answer of a pair, `{"better": "<candidate_id>"}` or
+`{"tie": true}` (stored apart from the task; never sent to annotators).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from google.protobuf import json_format
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
-from services.feedback.records import StoredRecord, Task
+from services.feedback.records import GoldAnswer, StoredRecord, Task
 
 
 class JsonlError(ValueError):
@@ -49,11 +51,28 @@ def read_tasks(path: Path) -> Iterator[Task]:
         wanted = value.pop("annotations_wanted", 1)
         if not isinstance(wanted, int) or isinstance(wanted, bool):
             raise JsonlError(f"{path}:{number}: annotations_wanted must be an integer")
+        gold = parse_gold(value.pop("gold", None), f"{path}:{number}")
         try:
             msg = json_format.ParseDict(value, pb.LabelingTask())
         except json_format.ParseError as err:
             raise JsonlError(f"{path}:{number}: {err}") from None
-        yield Task.from_proto(msg, annotations_wanted=wanted)
+        yield Task.from_proto(msg, annotations_wanted=wanted, gold=gold)
+
+
+def parse_gold(value: object, where: str) -> GoldAnswer | None:
+    """A task line's `gold` field: absent/null, `{"better": "<candidate_id>"}` or `{"tie": true}`."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and set(value) == {"better"} and isinstance(value["better"], str) and value["better"]:
+        return GoldAnswer(better=value["better"])
+    if isinstance(value, dict) and set(value) == {"tie"} and value["tie"] is True:
+        return GoldAnswer(better=None)
+    raise JsonlError(f'{where}: gold must be {{"better": "<candidate_id>"}} or {{"tie": true}}, got {json.dumps(value)}')
+
+
+def gold_to_json(gold: GoldAnswer) -> dict:
+    """The inverse of `parse_gold`."""
+    return {"tie": True} if gold.is_tie else {"better": gold.better}
 
 
 def _sorted_metadata(body: dict) -> dict:
@@ -72,6 +91,8 @@ def task_to_json(task: Task) -> str:
     """A task line as `read_tasks` reads it (and `hitl feedback tasks load` loads it)."""
     body = _sorted_metadata(json_format.MessageToDict(task.to_proto(), preserving_proto_field_name=True))
     body["annotations_wanted"] = task.annotations_wanted
+    if task.gold is not None:
+        body["gold"] = gold_to_json(task.gold)
     return json.dumps(body, ensure_ascii=False)
 
 

@@ -49,6 +49,22 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class GoldAnswer:
+    """The known answer of a gold task (a pair): which candidate is better, or a tie.
+
+    Gold answers grade annotators (see `rlhf.quality`); the store keeps them apart
+    from the task message, which is what annotators are sent, so they never leave
+    the store through `PullTasks`.
+    """
+
+    better: str | None  # candidate id of the better answer; None: the two are equally good
+
+    @property
+    def is_tie(self) -> bool:
+        return self.better is None
+
+
+@dataclass(frozen=True)
 class Task:
     """A labeling task as the store keeps it."""
 
@@ -60,12 +76,14 @@ class Task:
     rating_scales: tuple[pb.RatingScale, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     annotations_wanted: int = 1
+    gold: GoldAnswer | None = None  # known answer; never part of `to_proto()`
 
     @functools.cached_property
     def candidate_ids(self) -> frozenset[str]:
         return frozenset(c.candidate_id for c in self.candidates)
 
     def to_proto(self) -> pb.LabelingTask:
+        """The task as annotators receive it: without its gold answer."""
         return pb.LabelingTask(
             task_id=self.task_id,
             project=self.project,
@@ -77,7 +95,7 @@ class Task:
         )
 
     @classmethod
-    def from_proto(cls, msg: pb.LabelingTask, annotations_wanted: int = 1) -> "Task":
+    def from_proto(cls, msg: pb.LabelingTask, annotations_wanted: int = 1, gold: GoldAnswer | None = None) -> "Task":
         return cls(
             task_id=msg.task_id,
             project=msg.project,
@@ -87,6 +105,7 @@ class Task:
             rating_scales=tuple(msg.rating_scales),
             metadata=dict(msg.metadata),
             annotations_wanted=annotations_wanted,
+            gold=gold,
         )
 
 
@@ -368,4 +387,18 @@ def check_task(task: Task, limits: Limits) -> Rejection | None:
             return Rejection(f"rating_scales[{i}]", "needs an aspect name and finite min < max")
     if task.annotations_wanted < 1:
         return Rejection("annotations_wanted", f"must be >= 1, got {task.annotations_wanted}")
+    return _check_gold(task) if task.gold is not None else None
+
+
+def _check_gold(task: Task) -> Rejection | None:
+    """A gold answer belongs to a pair, names one of its candidates (or a tie), and no
+    metadata key of the task may point annotators at it."""
+    if len(task.candidates) != 2:
+        return Rejection("gold", f"a gold answer needs a task of exactly 2 candidates, got {len(task.candidates)}")
+    better = task.gold.better  # type: ignore[union-attr]
+    if better is not None and better not in task.candidate_ids:
+        return Rejection("gold.better", f"unknown candidate {better!r} for task {task.task_id!r}")
+    for key in task.metadata:
+        if "gold" in key.lower():
+            return Rejection(f"metadata[{key}]", "a gold task's metadata must not name its gold answer (annotators see metadata)")
     return None

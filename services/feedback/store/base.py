@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 from hitl.feedback.v1 import feedback_pb2 as pb
 
 from services.feedback.records import (
+    GoldAnswer,
     Limits,
     Rejection,
     StoredRecord,
@@ -38,7 +39,7 @@ from services.feedback.records import (
     kind_of,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _IN_CHUNK = 500  # ids per IN (...) list
 
 
@@ -96,6 +97,7 @@ class FeedbackStore(Protocol):
     def add_tasks(self, tasks: Sequence[Task]) -> list[TaskOutcome]: ...
     def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]: ...
     def get_task(self, task_id: str) -> Task | None: ...
+    def gold_answers(self, projects: Iterable[str] | None = None) -> dict[str, GoldAnswer]: ...
     def stats(self, projects: Iterable[str] | None = None) -> StoreStats: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
@@ -163,6 +165,15 @@ def _migrations(d: Dialect) -> dict[int, list[str]]:
                 PRIMARY KEY (task_id, annotator_id)
             )""",
             "CREATE INDEX leases_by_annotator ON leases (annotator_id, task_id)",
+        ],
+        # gold answers live apart from the task message that annotators are sent
+        2: [
+            """CREATE TABLE gold_answers (
+                task_id TEXT PRIMARY KEY,
+                project TEXT NOT NULL,
+                better TEXT
+            )""",
+            "CREATE INDEX gold_answers_by_project ON gold_answers (project, task_id)",
         ],
     }
 
@@ -359,9 +370,15 @@ class SqlStore:
         for start in range(0, len(missing), _IN_CHUNK):
             chunk = missing[start : start + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            cur.execute(self._q(f"SELECT task, annotations_wanted FROM tasks WHERE task_id IN ({marks})"), chunk)
-            for blob, wanted in cur.fetchall():
-                task = _task_from_blob(blob, wanted)
+            cur.execute(
+                self._q(
+                    "SELECT t.task, t.annotations_wanted, g.task_id, g.better FROM tasks t"
+                    f" LEFT JOIN gold_answers g ON g.task_id = t.task_id WHERE t.task_id IN ({marks})"
+                ),
+                chunk,
+            )
+            for blob, wanted, gold_id, better in cur.fetchall():
+                task = _task_from_blob(blob, wanted, _gold(gold_id, better))
                 found[task.task_id] = task
                 self._cache_task(task)
         return found
@@ -503,6 +520,11 @@ class SqlStore:
                 )
                 created = cur.rowcount == 1
                 order += int(created)
+                if created and task.gold is not None:
+                    cur.execute(
+                        self._q("INSERT INTO gold_answers (task_id, project, better) VALUES (?, ?, ?)"),
+                        (task.task_id, task.project, task.gold.better),
+                    )
                 outcomes.append(TaskOutcome(created))
             conn.commit()
         except BaseException:
@@ -528,9 +550,13 @@ class SqlStore:
             cur = conn.cursor()
             self._d.begin_read(conn)
             try:
-                where = "" if names is None else f" AND project IN ({', '.join('?' * len(names))})"
+                where = "" if names is None else f" AND t.project IN ({', '.join('?' * len(names))})"
                 cur.execute(
-                    self._q(f"SELECT task, annotations_wanted, created_order FROM tasks WHERE created_order > ?{where} ORDER BY created_order LIMIT ?"),
+                    self._q(
+                        "SELECT t.task, t.annotations_wanted, t.created_order, g.task_id, g.better FROM tasks t"
+                        " LEFT JOIN gold_answers g ON g.task_id = t.task_id"
+                        f" WHERE t.created_order > ?{where} ORDER BY t.created_order LIMIT ?"
+                    ),
                     (after, *(names or ()), page),
                 )
                 rows = cur.fetchall()
@@ -538,12 +564,36 @@ class SqlStore:
                 conn.rollback()
             if not rows:
                 return
-            for blob, wanted, _ in rows:
-                yield _task_from_blob(blob, wanted)
+            for blob, wanted, _, gold_id, better in rows:
+                yield _task_from_blob(blob, wanted, _gold(gold_id, better))
             after = int(rows[-1][2])
 
+    def gold_answers(self, projects: Iterable[str] | None = None) -> dict[str, GoldAnswer]:
+        """The gold answers of the projects' tasks (every project when None), by task id."""
+        names = None if projects is None else sorted(set(projects))
+        if names is not None and not names:
+            return {}
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        try:
+            if names is None:
+                cur.execute("SELECT task_id, better FROM gold_answers")
+            else:
+                cur.execute(
+                    self._q(f"SELECT task_id, better FROM gold_answers WHERE project IN ({', '.join('?' * len(names))})"),
+                    tuple(names),
+                )
+            rows = cur.fetchall()
+        finally:
+            conn.rollback()
+        return {task_id: GoldAnswer(better) for task_id, better in rows}
+
     def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]:
-        """Lease up to max_tasks open tasks the annotator was never handed, oldest first."""
+        """Lease up to max_tasks open tasks the annotator was never handed, oldest first.
+
+        Leased tasks are read from the task message alone: they carry no gold answer.
+        """
         conn = self._conn()
         self._d.begin_write(conn)
         try:
@@ -648,5 +698,10 @@ def _task_blob(task: Task) -> bytes:
     return task.to_proto().SerializeToString(deterministic=True)
 
 
-def _task_from_blob(blob: bytes, wanted: int) -> Task:
-    return Task.from_proto(pb.LabelingTask.FromString(bytes(blob)), annotations_wanted=int(wanted))
+def _task_from_blob(blob: bytes, wanted: int, gold: GoldAnswer | None = None) -> Task:
+    return Task.from_proto(pb.LabelingTask.FromString(bytes(blob)), annotations_wanted=int(wanted), gold=gold)
+
+
+def _gold(gold_task_id: str | None, better: str | None) -> GoldAnswer | None:
+    """The gold answer of a LEFT JOIN row: none when the task has no gold_answers row."""
+    return None if gold_task_id is None else GoldAnswer(better)

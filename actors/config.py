@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from actors.annotator_quality import AnnotatorQualityConfig
 from rlhf.config import RLHFConfig
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.simulated import AnnotatorConfig
@@ -112,6 +113,8 @@ class CoordinatorConfig(BaseModel):
     """Sampling temperature of the two answers of a labeling task."""
     max_recoveries: int = Field(3, ge=0)
     """Rounds restarted from the last checkpoint after a lost actor, before the run gives up."""
+    quality: AnnotatorQualityConfig = Field(default_factory=AnnotatorQualityConfig)
+    """Gold tasks (`gold_rate`, `gold_tasks`), annotator weights and pausing (actors/annotator_quality.py)."""
     run_dir: Path = Path("runs/latest")
     """Where reports, plots and checkpoints go."""
     progress: bool = True
@@ -153,5 +156,11 @@ class RunConfig(RLHFConfig):
             raise ValueError(
                 f"coordinator.min_feedback_per_round ({c.min_feedback_per_round}) is more than tasks_per_round x "
                 f"annotations_per_task ({c.tasks_per_round} x {c.annotations_per_task}) can ever yield"
+            )
+        q = c.quality
+        if q.gold_rate > 0 and q.gold_tasks is None and not (self.annotators.enabled and self.annotators.annotators):
+            raise ValueError(
+                "coordinator.quality.gold_tasks: required when gold_rate > 0 and no simulated annotators run "
+                "(their rule makes the gold pairs otherwise)"
             )
         return self

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.annotator_quality import QualityTracker
 from actors.config import RunConfig
 from actors.curation import curate
 from hitl.feedback.v1 import feedback_pb2 as pb
@@ -54,6 +55,7 @@ class RoundReport:
     stage_seconds: dict[str, float]
     annotators: dict[str, dict[str, int]] = field(default_factory=dict)
     feedback_to_policy_s: float | None = None  # last needed record committed -> first answer by the new policy
+    quality: dict[str, Any] = field(default_factory=dict)  # annotator tables (round, overall), weights, paused
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Coordinator:
         self._annotator_threads: list[threading.Thread] = []
         self._annotators: list = []
         self._feedback_complete_at: float | None = None
+        self._round_quality: dict[str, Any] = {}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -184,6 +187,7 @@ class Coordinator:
         self.train_prompts = list(split.train)
         self.eval_prompts = list(split.evaluation)[: self.cfg.coordinator.eval_prompts] or self.train_prompts[: self.cfg.coordinator.eval_prompts]
         self.judge = Judge(self.cfg.annotators.annotators[0].judge) if self.cfg.annotators.annotators else None
+        self.quality = QualityTracker(self.cfg.coordinator.quality, self.store, self.cfg.feedback.project, self.judge, _prompt_id)
         self._start_annotators()
 
     def _start_feedback(self) -> str:
@@ -273,6 +277,7 @@ class Coordinator:
             stage_seconds=times,
             annotators={a.cfg.annotator_id: asdict(a.stats) for a in self._annotators},
             feedback_to_policy_s=round(served_at - self._feedback_complete_at, 3) if self._feedback_complete_at else None,
+            quality=self._round_quality,
         )
         self.state.watermark = report.watermark_to
         self.state.next_round = r + 1
@@ -302,6 +307,7 @@ class Coordinator:
                                               policy_version=res.policy_version) for j, t in enumerate(res.texts)),
                 annotations_wanted=c.annotations_per_task,
             ))
+        tasks = self.quality.mix_gold(r, tasks)  # gold tasks at coordinator.quality.gold_rate
         outcomes = self.store.add_tasks(tasks)
         bad = [o.rejection for o in outcomes if o.rejection]
         if bad:
@@ -332,7 +338,9 @@ class Coordinator:
             time.sleep(0.2)
 
     def curate(self, records: list):
-        return curate(records, self.store.get_task)
+        applied = self.quality.assess(records, self.state.next_round)  # weights and paused annotators from all feedback so far
+        self._round_quality = applied.report
+        return curate(records, self.store.get_task, weights=applied.weights, paused=applied.paused)
 
     def update_reward_model(self, items: list) -> dict:
         import ray

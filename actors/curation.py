@@ -4,14 +4,16 @@ Curation here: records judging flagged content are set aside (a flag on a
 candidate removes that candidate's pairs; a flag on the prompt removes the
 task), preferences become `PreferencePair`s and rankings `Ranking`s with the
 task's texts resolved, and each outcome is counted so a round can report what
-it used and what it left out.
+it used and what it left out. Annotator quality (`actors/annotator_quality.py`)
+comes in as two optional inputs: per-annotator weights that multiply each item's
+weight, and a set of paused annotators whose judgements are set aside.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Collection, Iterable, Mapping
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.preferences import Choice, PreferencePair, Ranking
@@ -33,8 +35,18 @@ class Curated:
     last_seq: int = 0
 
 
-def curate(records: Iterable[StoredRecord], task_of: Callable[[str], Task | None]) -> Curated:
-    """Training items from a watermark range of records (see the module docstring)."""
+def curate(
+    records: Iterable[StoredRecord],
+    task_of: Callable[[str], Task | None],
+    weights: Mapping[str, float] | None = None,
+    paused: Collection[str] = (),
+) -> Curated:
+    """Training items from a watermark range of records (see the module docstring).
+
+    `weights[annotator]` (absent: 1) multiplies the weight of that annotator's items; an item
+    whose weight comes to 0 is dropped (`dropped/zero_weight`). Preferences and rankings of
+    `paused` annotators are counted (`paused/<kind>`) and not used.
+    """
     records = list(records)
     out = Curated()
     if records:
@@ -56,6 +68,9 @@ def curate(records: Iterable[StoredRecord], task_of: Callable[[str], Task | None
             if kind != "flag":
                 out.counts[f"not_used/{kind}"] += 1
             continue
+        if r.annotator_id in paused:
+            out.counts[f"paused/{kind}"] += 1
+            continue
         task = task_of(r.task_id)
         if task is None:
             out.counts["dropped/unknown_task"] += 1
@@ -66,6 +81,11 @@ def curate(records: Iterable[StoredRecord], task_of: Callable[[str], Task | None
         item = _item(r, task, flagged_candidates)
         if item is None:
             out.counts["dropped/flagged"] += 1
+            continue
+        if weights is not None and r.annotator_id in weights:
+            item = replace(item, weight=item.weight * weights[r.annotator_id])
+        if item.weight == 0.0:
+            out.counts["dropped/zero_weight"] += 1
             continue
         out.items.append(item)
         out.counts[f"used/{kind}"] += 1

@@ -82,6 +82,7 @@ def _metric(level: Level, marginals: Mapping):
 @dataclass(frozen=True)
 class QualityConfig:
     min_gold: int = 5  # gold answers needed before gold accuracy counts
+    min_consensus: int = 1  # units with a majority of the others needed before consensus agreement sets the weight
     pause_below_gold_accuracy: float = 0.6
     lead_time_z: float = 3.0  # robust z beyond which an annotator's median lead time is an outlier
     position_bias_z: float = 3.0  # |z| beyond which the left-position rate counts as biased
@@ -92,6 +93,7 @@ class AnnotatorQuality:
     annotator: str
     judgements: int = 0
     consensus_agreement: float | None = None  # share of units where they matched the others' majority
+    consensus_units: int = 0  # units where the others had a strict majority
     gold_answered: int = 0
     gold_accuracy: float | None = None
     left_rate: float | None = None  # share of strict preferences for the answer shown first
@@ -155,6 +157,7 @@ def annotator_report(
         if consensus.get(name, (0, 0))[0]:
             units, matches = consensus[name]
             q.consensus_agreement = matches / units
+            q.consensus_units = units
         graded = [j for j in js if j.unit in gold]
         q.gold_answered = len(graded)
         if graded:
@@ -180,13 +183,14 @@ def annotator_report(
 
 def _weigh(q: AnnotatorQuality, cfg: QualityConfig) -> None:
     """Weight = how far above chance the annotator is (2·accuracy − 1, floored at 0), from
-    gold when enough gold was answered, else from consensus; pause under the gold threshold."""
+    gold when enough gold was answered, else from consensus when the others agreed on enough
+    units, else 1; pause under the gold threshold."""
     if q.gold_accuracy is not None and q.gold_answered >= cfg.min_gold:
         q.weight = max(0.0, 2.0 * q.gold_accuracy - 1.0)
         if q.gold_accuracy < cfg.pause_below_gold_accuracy:
             q.paused = True
             q.reasons.append(f"gold accuracy {q.gold_accuracy:.2f} < {cfg.pause_below_gold_accuracy:.2f} over {q.gold_answered}")
-    elif q.consensus_agreement is not None:
+    elif q.consensus_agreement is not None and q.consensus_units >= cfg.min_consensus:
         q.weight = max(0.0, 2.0 * q.consensus_agreement - 1.0)
     if q.position_biased:
         q.reasons.append(f"picks the left answer {q.left_rate:.0%} of the time (z={q.position_z:.1f})")

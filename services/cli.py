@@ -8,6 +8,7 @@
     hitl adapters serve --feedback ADDR [--token T] [--port N] [--argilla-secret S]
     hitl feedback stats [--server ADDR] [--token T] [--project P]
     hitl label --project P --annotator-id ME [--server ADDR] [--token T] [--journal FILE]
+    hitl annotators [--store URL] [--project P] [--min-gold N] [--pause-below X] [--json]
     hitl label-web --project P [--server ADDR] [--token T] [--port N] [--config FILE]
 """
 
@@ -256,9 +257,11 @@ def stats(server: str, token: str | None, tls_ca, client_cert, client_key, proje
     click.echo(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
 
 
+from actors.annotators_command import annotators  # noqa: E402
 from services.labeling.command import label  # noqa: E402
 from services.labeling.web.command import label_web  # noqa: E402
 
+main.add_command(annotators)
 main.add_command(label)
 main.add_command(label_web)
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
 from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
 from rlhf.reward.config import RewardConfig
+from rlhf.sft.config import SFTConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 _UNION_TYPE = type(int | None)
@@ -112,6 +113,9 @@ class RLHFConfig(BaseModel):
 
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     """How the DeepSpeed engines run."""
+
+    sft: SFTConfig = SFTConfig()
+    """Supervised fine-tuning on human corrections before each round's PPO (off by default)."""
 
     data: DataConfig = DataConfig()
     """Prompt sources, splits and length bounds."""

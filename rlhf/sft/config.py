@@ -1,0 +1,39 @@
+"""Typed configuration of supervised fine-tuning on human corrections."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SFTConfig(BaseModel):
+    """Corrections as demonstrations: a masked-loss fine-tuning step on the policy's own
+    DeepSpeed engine (the LoRA adapters or full weights that PPO trains), before each round's
+    PPO iterations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    """Run the step; off, correction records are counted but not trained on."""
+
+    lr: float = Field(1e-5, gt=0.0)
+    """Learning rate of the policy's parameters during the step (constant; PPO's own rate and
+    schedule are restored afterwards)."""
+
+    epochs: int = Field(1, ge=1)
+    """Passes over the round's demonstrations."""
+
+    batch_size: int = Field(8, ge=1)
+    """Demonstrations per optimiser step, over all ranks."""
+
+    max_examples: int = Field(256, ge=1)
+    """Most demonstrations used per round (the first ones in feedback order)."""
+
+    max_prompt_tokens: int = Field(256, ge=1)
+    """Chat-formatted prompts longer than this keep their last tokens."""
+
+    max_response_tokens: int = Field(256, ge=2)
+    """Responses (the corrected text and the end-of-turn token) longer than this keep their
+    first tokens."""
+
+    seed: int = Field(0, ge=0)
+    """Seed of the order of the demonstrations in each epoch."""

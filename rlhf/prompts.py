@@ -8,12 +8,12 @@ split across runs and rounds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.config import DataConfig, PromptSource
+from rlhf.splits import bucket
 
 _TEMPLATES = (
     "Describe {t} in two sentences.",
@@ -76,8 +76,7 @@ def load_prompts(cfg: DataConfig) -> list[str]:
 
 
 def _bucket(prompt: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return bucket(prompt, seed)
 
 
 def split_prompts(prompts: list[str], fraction: float, seed: int) -> PromptSplit:

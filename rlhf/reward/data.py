@@ -3,7 +3,6 @@ train/validation split, and chat-formatted token batches."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.preferences import PreferencePair, soft_label
 from rlhf.reward.config import RewardConfig
+from rlhf.splits import bucket
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,19 @@ def training_pairs(pairs: Sequence[PreferencePair], cfg: RewardConfig) -> list[T
 def split_by_prompt(pairs: Sequence[TrainingPair], fraction: float, seed: int) -> PairSplit:
     """Hold out about ``fraction`` of the prompts (with all their pairs) for validation.
 
-    Deterministic for a seed and independent of the pairs' order. Both sides are non-empty
-    (needs pairs from at least 2 prompts).
+    A prompt's side is fixed by a hash of (seed, its key) (``rlhf.splits.bucket``), so as pairs
+    are added round after round no prompt ever changes side: one held out for validation is
+    never trained on. One exception keeps both sides non-empty: when the first two prompts (in
+    order of first appearance) hash to the same side, the second goes to the other; that is
+    decided by the start of the list alone, so appending pairs does not undo it. Needs pairs
+    from at least 2 prompts.
     """
-    keys = sorted({pair.group_key for pair in pairs})
+    keys = list(dict.fromkeys(pair.group_key for pair in pairs))
     if len(keys) < 2:
         raise ValueError(f"need pairs from at least 2 prompts to split, got {len(keys)}")
-    random.Random(seed).shuffle(keys)
-    n_val = min(max(1, round(fraction * len(keys))), len(keys) - 1)
-    held_out = set(keys[:n_val])
+    held_out = {key for key in keys if bucket(key, seed) < fraction}
+    if (keys[0] in held_out) == (keys[1] in held_out):
+        held_out ^= {keys[1]}
     return PairSplit(
         train=[pair for pair in pairs if pair.group_key not in held_out],
         validation=[pair for pair in pairs if pair.group_key in held_out],

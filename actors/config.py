@@ -1,8 +1,8 @@
 """The run configuration: the RLHF core's sections plus where and how the loop runs.
 
 `configs/<profile>.yaml` files are `RunConfig`s: the sections of `rlhf.config.RLHFConfig`
-(model, lora, critic, reward, ppo, deepspeed, data) and, for the loop on Ray, `cluster`,
-`feedback`, `generation`, `coordinator` and `annotators`. Each section is its own model;
+(model, lora, critic, reward, ppo, deepspeed, sft, data) and, for the loop on Ray, `cluster`,
+`feedback`, `generation`, `coordinator`, `annotators` and `curation`. Each section is its own model;
 a wrong key names its dotted path at load, before anything starts.
 """
 
@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.annotator_quality import AnnotatorQualityConfig
+from actors.curation_config import CurationConfig
 from rlhf.config import RLHFConfig
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.simulated import AnnotatorConfig
@@ -143,6 +144,8 @@ class RunConfig(RLHFConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     annotators: AnnotatorsSection = Field(default_factory=AnnotatorsSection)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
+    """What curation removes before training: duplicates, old guideline versions (flags always)."""
 
     @model_validator(mode="after")
     def _check_run(self) -> "RunConfig":

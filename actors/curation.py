@@ -7,6 +7,16 @@ task's texts resolved, and each outcome is counted so a round can report what
 it used and what it left out. Annotator quality (`actors/annotator_quality.py`)
 comes in as two optional inputs: per-annotator weights that multiply each item's
 weight, and a set of paused annotators whose judgements are set aside.
+
+With a `CurationConfig` and a `CurationMemory` (`actors/curation_memory.py`):
+judgements under guidelines older than `min_guidelines_version` are set aside;
+flags hold across rounds and are counted by category (`flag/harmful`, ...; an
+item they remove counts as `dropped/flagged_<category>`); a preference between
+duplicate responses is dropped and a ranking loses its repeated responses;
+items that duplicate one kept earlier in the round, or used in an earlier round,
+are dropped (`rlhf/dedup.py`). Corrections become `Demonstration`s for the SFT
+step when `max_demonstrations` > 0. Every record gets exactly one outcome in
+`counts`.
 """
 
 from __future__ import annotations
@@ -15,8 +25,12 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Iterable, Mapping
 
+from actors.curation_config import CurationConfig
+from actors.curation_memory import CurationMemory
 from hitl.feedback.v1 import feedback_pb2 as pb
+from rlhf.dedup import Fingerprint, normalise
 from rlhf.preferences import Choice, PreferencePair, Ranking
+from rlhf.sft.data import Demonstration
 from services.feedback.records import StoredRecord, Task
 
 _CHOICES = {
@@ -30,7 +44,11 @@ _CHOICES = {
 @dataclass
 class Curated:
     items: list[PreferencePair | Ranking] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)  # used/preference, dropped/flagged, ...
+    demonstrations: list[Demonstration] = field(default_factory=list)  # from corrections, for SFT
+    counts: Counter = field(default_factory=Counter)  # one outcome per record: used/preference, dropped/flagged_pii, ...
+    received: Counter = field(default_factory=Counter)  # records by kind
+    by_annotator: Counter = field(default_factory=Counter)  # records by annotator
+    used_by_annotator: Counter = field(default_factory=Counter)  # items and demonstrations used, by annotator
     first_seq: int = 0
     last_seq: int = 0
 
@@ -40,30 +58,39 @@ def curate(
     task_of: Callable[[str], Task | None],
     weights: Mapping[str, float] | None = None,
     paused: Collection[str] = (),
+    *,
+    cfg: CurationConfig | None = None,
+    memory: CurationMemory | None = None,
+    round_: int = 0,
+    max_demonstrations: int = 0,
 ) -> Curated:
     """Training items from a watermark range of records (see the module docstring).
 
     `weights[annotator]` (absent: 1) multiplies the weight of that annotator's items; an item
     whose weight comes to 0 is dropped (`dropped/zero_weight`). Preferences and rankings of
     `paused` annotators are counted (`paused/<kind>`) and not used.
+
+    `memory` carries flags and used items across rounds (updated in place; a fresh one when
+    None); `round_` tags what this round uses. Up to `max_demonstrations` corrections become
+    demonstrations (0: corrections are `not_used/correction`).
     """
     records = list(records)
+    cfg = cfg or CurationConfig()
+    memory = memory if memory is not None else CurationMemory(cfg)
     out = Curated()
     if records:
         out.first_seq, out.last_seq = records[0].seq, records[-1].seq
-    flagged_tasks: set[str] = set()
-    flagged_candidates: set[tuple[str, str]] = set()
     for s in records:
+        out.received[s.record.WhichOneof("judgement")] += 1
+        out.by_annotator[s.record.annotator_id] += 1
         if s.record.WhichOneof("judgement") == "flag":
-            f = s.record.flag
-            if f.candidate_id:
-                flagged_candidates.add((s.record.task_id, f.candidate_id))
-            else:
-                flagged_tasks.add(s.record.task_id)
-            out.counts["flag"] += 1
+            out.counts[f"flag/{memory.add_flag(s.record.flag, s.record.task_id)}"] += 1
     for s in records:
         r = s.record
         kind = r.WhichOneof("judgement")
+        if kind == "correction" and max_demonstrations > 0:
+            _use(out, r, _curate_correction(r, task_of, weights, paused, cfg, memory, round_, max_demonstrations, out))
+            continue
         if kind not in ("preference", "ranking"):
             if kind != "flag":
                 out.counts[f"not_used/{kind}"] += 1
@@ -71,34 +98,126 @@ def curate(
         if r.annotator_id in paused:
             out.counts[f"paused/{kind}"] += 1
             continue
+        reason = cfg.set_aside_reason(r.guidelines_version)
+        if reason:
+            out.counts[reason] += 1
+            continue
         task = task_of(r.task_id)
         if task is None:
             out.counts["dropped/unknown_task"] += 1
             continue
-        if r.task_id in flagged_tasks:
-            out.counts["dropped/flagged"] += 1
-            continue
-        item = _item(r, task, flagged_candidates)
+        item, reason = _item(r, task, memory)
         if item is None:
-            out.counts["dropped/flagged"] += 1
+            out.counts[reason] += 1
+            continue
+        item, fp = _without_repeats(item, memory, cfg)
+        if item is None:
+            out.counts["dropped/identical_responses"] += 1
             continue
         if weights is not None and r.annotator_id in weights:
             item = replace(item, weight=item.weight * weights[r.annotator_id])
         if item.weight == 0.0:
             out.counts["dropped/zero_weight"] += 1
             continue
+        reason = memory.admit(fp, round_)
+        if reason:
+            out.counts[reason] += 1
+            continue
         out.items.append(item)
-        out.counts[f"used/{kind}"] += 1
+        _use(out, r, None)
     return out
 
 
-def _item(r: pb.FeedbackRecord, task: Task, flagged: set[tuple[str, str]]) -> PreferencePair | Ranking | None:
+def _use(out: Curated, r: pb.FeedbackRecord, reason: str | None) -> None:
+    """Count a record used (reason None) or left out."""
+    if reason:
+        out.counts[reason] += 1
+        return
+    out.counts[f"used/{r.WhichOneof('judgement')}"] += 1
+    out.used_by_annotator[r.annotator_id] += 1
+
+
+def _curate_correction(
+    r: pb.FeedbackRecord, task_of: Callable[[str], Task | None], weights: Mapping[str, float] | None,
+    paused: Collection[str], cfg: CurationConfig, memory: CurationMemory, round_: int, limit: int, out: Curated,
+) -> str | None:
+    """Append the correction's demonstration to `out`, or say why it is left out. A correction
+    of a flagged candidate or prompt is left out (its text may carry what was flagged), as is
+    one that leaves the candidate unchanged."""
+    if r.annotator_id in paused:
+        return "paused/correction"
+    reason = cfg.set_aside_reason(r.guidelines_version)
+    if reason:
+        return reason
+    task = task_of(r.task_id)
+    if task is None:
+        return "dropped/unknown_task"
+    c = r.correction
+    flag = memory.flag_on(r.task_id, [c.candidate_id])
+    if flag:
+        return f"dropped/flagged_{flag}"
+    original = next((x.text for x in task.candidates if x.candidate_id == c.candidate_id), "")
+    if normalise(c.corrected_text) == normalise(original):
+        return "dropped/unchanged_correction"
+    weight = _confidence(r) * (weights.get(r.annotator_id, 1.0) if weights is not None else 1.0)
+    if weight == 0.0:
+        return "dropped/zero_weight"
+    if len(out.demonstrations) >= limit:
+        return "not_used/correction_over_limit"
+    reason = memory.admit(memory.fingerprint("demonstration", task.prompt, [c.corrected_text]), round_)
+    if reason:
+        return reason
+    out.demonstrations.append(Demonstration(prompt=task.prompt, response=c.corrected_text, prompt_id=task.prompt_id,
+                                            annotator_id=r.annotator_id, weight=weight))
+    return None
+
+
+def _confidence(r: pb.FeedbackRecord) -> float:
+    return r.confidence if r.HasField("confidence") and r.confidence > 0 else 1.0
+
+
+def _responses(item: PreferencePair | Ranking) -> list[str]:
+    return [item.response_a, item.response_b] if isinstance(item, PreferencePair) else list(item.responses)
+
+
+def _without_repeats(item: PreferencePair | Ranking, memory: CurationMemory, cfg: CurationConfig):
+    """(item, its fingerprint) with repeated responses handled: a preference between
+    duplicates is dropped (None); a ranking keeps the best-ranked copy of each response, and is
+    dropped when fewer than 2 responses remain."""
+    fp = _fingerprint(item, memory)
+    repeats = memory.repeated_responses(fp) if cfg.drop_identical_responses else []
+    if not repeats:
+        return item, fp
+    if isinstance(item, PreferencePair):
+        return None, fp
+    # ranking: drop every copy ranked lower than (or level with, after) its best-ranked twin
+    order = sorted(range(len(item.responses)), key=lambda i: item.ranks[i])
+    ranked = replace(item, responses=tuple(item.responses[i] for i in order), ranks=tuple(item.ranks[i] for i in order))
+    repeats = set(memory.repeated_responses(_fingerprint(ranked, memory)))
+    keep = [i for i in range(len(ranked.responses)) if i not in repeats]
+    if len(keep) < 2:
+        return None, fp
+    dense = {rank: n + 1 for n, rank in enumerate(sorted({ranked.ranks[i] for i in keep}))}
+    kept = replace(ranked, responses=tuple(ranked.responses[i] for i in keep), ranks=tuple(dense[ranked.ranks[i]] for i in keep))
+    return kept, _fingerprint(kept, memory)
+
+
+def _fingerprint(item: PreferencePair | Ranking, memory: CurationMemory) -> Fingerprint:
+    return memory.fingerprint(memory.judgement_scope(item.annotator_id), item.prompt, _responses(item))
+
+
+def _item(r: pb.FeedbackRecord, task: Task, memory: CurationMemory) -> tuple[PreferencePair | Ranking | None, str]:
+    """The record's item with the task's texts, or (None, why it is dropped)."""
     text = {c.candidate_id: c.text for c in task.candidates}
-    weight = r.confidence if r.HasField("confidence") and r.confidence > 0 else 1.0
+    weight = _confidence(r)
+    prompt_flag = memory.flag_on(r.task_id)
+    if prompt_flag:
+        return None, f"dropped/flagged_{prompt_flag}"
     if r.WhichOneof("judgement") == "preference":
         p = r.preference
-        if (r.task_id, p.candidate_a_id) in flagged or (r.task_id, p.candidate_b_id) in flagged:
-            return None
+        flag = memory.flag_on(r.task_id, [p.candidate_a_id, p.candidate_b_id])
+        if flag:
+            return None, f"dropped/flagged_{flag}"
         choice = _CHOICES[p.choice]
         return PreferencePair(
             prompt=task.prompt,
@@ -109,10 +228,10 @@ def _item(r: pb.FeedbackRecord, task: Task, flagged: set[tuple[str, str]]) -> Pr
             annotator_id=r.annotator_id,
             weight=weight,
             prompt_id=task.prompt_id,
-        )
-    entries = [e for e in r.ranking.entries if (r.task_id, e.candidate_id) not in flagged]
+        ), ""
+    entries = [e for e in r.ranking.entries if memory.flag_on(r.task_id, [e.candidate_id]) is None]
     if len(entries) < 2:
-        return None
+        return None, f"dropped/flagged_{memory.flag_on(r.task_id, [e.candidate_id for e in r.ranking.entries])}"
     ranks = sorted({e.rank for e in entries})
     dense = {rank: i + 1 for i, rank in enumerate(ranks)}  # re-rank after removals
     return Ranking(
@@ -122,4 +241,4 @@ def _item(r: pb.FeedbackRecord, task: Task, flagged: set[tuple[str, str]]) -> Pr
         annotator_id=r.annotator_id,
         weight=weight,
         prompt_id=task.prompt_id,
-    )
+    ), ""

@@ -5,9 +5,10 @@
 
 One round, top-down (each step a method below):
   publish tasks (two answers of the current policy per prompt) → wait for enough new
-  feedback → curate → update the reward model → PPO iterations → push the weights to the
-  generation server → evaluate on held-out prompts → checkpoint (the feedback watermark
-  included, so a resumed run neither reuses nor skips a record).
+  feedback → curate → update the reward model → SFT on corrections → PPO iterations → push
+  the weights to the generation server → evaluate on held-out prompts → checkpoint (the
+  feedback watermark included, so a resumed run neither reuses nor skips a record). Each
+  pushed version gets a lineage file (actors/lineage.py) that its round report names.
 
 Ray enters at: [1] `ray.init` (local cluster or an address), [2] the feedback service
 actor, [3] the generation server (Ray Serve), [4] the reward-model actor, [5] the PPO
@@ -30,6 +31,8 @@ from typing import Any
 from actors.annotator_quality import QualityTracker
 from actors.config import RunConfig
 from actors.curation import curate
+from actors.curation_memory import CurationMemory
+from actors.lineage import next_reward_model, policy_lineage, write_lineage
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.judges import Judge, win_rate
 from rlhf.prompts import load_prompts, split_prompts
@@ -37,7 +40,7 @@ from services.feedback.records import Task
 
 log = logging.getLogger(__name__)
 
-STAGES = ("publish", "feedback", "curate", "reward_model", "ppo", "push_weights", "evaluate", "checkpoint")
+STAGES = ("publish", "feedback", "curate", "reward_model", "sft", "ppo", "push_weights", "evaluate", "checkpoint")
 
 
 @dataclass
@@ -56,6 +59,8 @@ class RoundReport:
     annotators: dict[str, dict[str, int]] = field(default_factory=dict)
     feedback_to_policy_s: float | None = None  # last needed record committed -> first answer by the new policy
     quality: dict[str, Any] = field(default_factory=dict)  # annotator tables (round, overall), weights, paused
+    sft: dict[str, Any] = field(default_factory=dict)  # the SFT step on corrections, or why it was skipped
+    lineage: str | None = None  # lineage/policy-vNNNN.json under the run directory (actors/lineage.py)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class RunState:
     policy_version: int = 0
     initial_eval_answers: list[str] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
+    reward_model: dict = field(default_factory=dict)  # the reward model's lineage (actors.lineage.next_reward_model)
 
 
 class Progress:
@@ -106,6 +112,7 @@ class Coordinator:
         self._annotators: list = []
         self._feedback_complete_at: float | None = None
         self._round_quality: dict[str, Any] = {}
+        self.curation_memory = CurationMemory(cfg.curation)  # flags and used items of the checkpointed rounds
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -255,12 +262,17 @@ class Coordinator:
             times[name] = round(time.perf_counter() - started, 3)
             return result
 
+        parent_version = self.state.policy_version
         stage("publish", self.publish_tasks, r)
         records = stage("feedback", self.wait_for_feedback)
         curated = stage("curate", self.curate, records)
         rm_report = stage("reward_model", self.update_reward_model, curated.items)
+        if "skipped" not in rm_report:
+            self.state.reward_model = next_reward_model(self.state.reward_model, r, curated.items, self._reward_model_config())
+        sft_report = stage("sft", self.sft, curated.demonstrations)
         ppo = stage("ppo", self.ppo_iterations, r)
         stage("push_weights", self.push_weights)
+        lineage = self._write_lineage(r, parent_version, records, curated, rm_report, sft_report, ppo)
         served_at = self._first_answer_at(self.state.policy_version)
         rate = stage("evaluate", self.evaluate)
         report = RoundReport(
@@ -278,6 +290,8 @@ class Coordinator:
             annotators={a.cfg.annotator_id: asdict(a.stats) for a in self._annotators},
             feedback_to_policy_s=round(served_at - self._feedback_complete_at, 3) if self._feedback_complete_at else None,
             quality=self._round_quality,
+            sft=sft_report,
+            lineage=lineage,
         )
         self.state.watermark = report.watermark_to
         self.state.next_round = r + 1
@@ -340,7 +354,33 @@ class Coordinator:
     def curate(self, records: list):
         applied = self.quality.assess(records, self.state.next_round)  # weights and paused annotators from all feedback so far
         self._round_quality = applied.report
-        return curate(records, self.store.get_task, weights=applied.weights, paused=applied.paused)
+        return curate(records, self.store.get_task, weights=applied.weights, paused=applied.paused,
+                      cfg=self.cfg.curation, memory=self.curation_memory, round_=self.state.next_round,
+                      max_demonstrations=self.cfg.sft.max_examples if self.cfg.sft.enabled else 0)
+
+    def sft(self, demonstrations: list) -> dict:
+        """Supervised fine-tuning on the round's demonstrations (corrections), on every trainer
+        rank, before PPO; skipped when off or when the round brought no usable correction."""
+        if not self.cfg.sft.enabled:
+            return {"skipped": "sft.enabled is false"}
+        if not demonstrations:
+            return {"skipped": "no corrections"}
+        return self.trainers.sft(demonstrations)
+
+    def _reward_model_config(self) -> dict:
+        return {"reward": self.cfg.reward.model_dump(mode="json"), "backbone": self.cfg.reward_model.model_dump(mode="json")}
+
+    def _write_lineage(self, r: int, parent_version: int, records: list, curated, rm_report: dict, sft_report: dict,
+                       ppo: list) -> str:
+        """lineage/policy-vNNNN.json for the version just pushed; returns its path in the run directory."""
+        record = policy_lineage(
+            policy_version=self.state.policy_version, parent_version=parent_version, round_=r, cfg=self.cfg,
+            config_json=self.cfg.model_dump_json(), project=self.cfg.feedback.project,
+            watermark_from=self.state.watermark, watermark_to=records[-1].seq if records else self.state.watermark,
+            curated=curated, reward_model=self.state.reward_model, reward_report=rm_report, sft_report=sft_report,
+            ppo_metrics=ppo, train_prompts=self.train_prompts,
+        )
+        return write_lineage(self.run_dir, record)
 
     def update_reward_model(self, items: list) -> dict:
         import ray
@@ -404,6 +444,7 @@ class Coordinator:
         self.trainers.save_checkpoint(str(tmp / "trainer"))
         ray.get(self.reward_model.save.remote(str(tmp / "reward_model")))
         (tmp / "state.json").write_text(json.dumps(asdict(self.state), indent=2))
+        self.curation_memory.save(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # a checkpoint is whole or absent
         (self.run_dir / "checkpoints" / "LATEST").write_text(final.name + "\n")
@@ -418,12 +459,14 @@ class Coordinator:
         if latest.exists():
             ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
             self.state = RunState(**json.loads((ckpt / "state.json").read_text()))
+            self.curation_memory = CurationMemory.load(ckpt, self.cfg.curation)
             self.trainers.load_checkpoint(str(ckpt / "trainer"))
             ray.get(self.reward_model.load.remote(str(ckpt / "reward_model")))
             log.info("restored %s: next round %d, watermark %d", ckpt, self.state.next_round, self.state.watermark)
         else:  # nothing checkpointed yet: start over, keeping the initial answers
             initial = self.state.initial_eval_answers
             self.state = RunState(initial_eval_answers=initial)
+            self.curation_memory = CurationMemory(self.cfg.curation)
             if not initial:
                 self._initial_eval()
         # serve exactly the restored weights: under the checkpoint's version when the server is

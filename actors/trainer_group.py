@@ -3,6 +3,7 @@
     group = PPOTrainerGroup(run_cfg, placement, reward_model_actor)   # [1] actors in a placement group
     metrics = group.step(prompts)                                     # [2] one PPO iteration on all ranks
     version_tensors = group.export_weights()                          # [3] adapters (LoRA) or full state dict
+    report = group.sft(demonstrations)                                # SFT on corrections, all ranks (rlhf.sft)
     group.save_checkpoint(path); group.load_checkpoint(path)          # [4] collective
 
 [1] Rank 0 reports its node IP and a free port; every worker then joins the
@@ -68,7 +69,16 @@ class PPOWorker:
             return ray.get(reward_actor.score.remote(prompts, responses))
 
         self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic)
+        self.sft_cfg = cfg.sft
         return self.rank
+
+    def sft(self, demonstrations: list) -> dict[str, Any]:
+        """The SFT step on this rank's engine (collective: every rank gets the same list)."""
+        from dataclasses import asdict
+
+        from rlhf.sft import run_sft
+
+        return asdict(run_sft(self.trainer, demonstrations, self.sft_cfg))
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         return self.trainer.step(prompts)
@@ -136,6 +146,10 @@ class PPOTrainerGroup:
 
     def export_weights(self) -> dict[str, Any]:
         return ray.get([w.export_weights.remote() for w in self.workers])[0]
+
+    def sft(self, demonstrations: list) -> dict[str, Any]:
+        """Supervised fine-tuning on demonstrations on every rank's engine; rank 0's report."""
+        return ray.get([w.sft.remote(demonstrations) for w in self.workers])[0]
 
     def save_checkpoint(self, directory: str) -> None:
         ray.get([w.save_checkpoint.remote(directory) for w in self.workers])

@@ -32,7 +32,7 @@ from actors.annotator_quality import QualityTracker
 from actors.config import RunConfig
 from actors.curation import curate
 from actors.curation_memory import CurationMemory
-from actors.lineage import next_reward_model, policy_lineage, write_lineage
+from actors.lineage import next_reward_model, policy_lineage, republished_lineage, write_lineage
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.judges import Judge, win_rate
 from rlhf.prompts import load_prompts, split_prompts
@@ -475,7 +475,8 @@ class Coordinator:
         if served != self.state.policy_version:
             exported = self.trainers.export_weights()
             if served > self.state.policy_version:
-                self.state.policy_version = served + 1
+                restored, self.state.policy_version = self.state.policy_version, served + 1
+                write_lineage(self.run_dir, republished_lineage(self.run_dir, self.state.policy_version, restored))
             publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
 
     def _write_reports(self) -> None:

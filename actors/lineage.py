@@ -146,6 +146,16 @@ def policy_lineage(
     }
 
 
+def republished_lineage(run_dir: Path, policy_version: int, same_as: int) -> dict[str, Any]:
+    """The lineage of a version that a restore published with the weights of checkpointed
+    version ``same_as`` (so that versions only increase): that version's record under the new
+    number, marked ``republished_from``; version 0 is the initial weights."""
+    source = Path(run_dir) / LINEAGE_DIR / f"policy-v{same_as:04d}.json"
+    record = json.loads(source.read_text()) if source.exists() else {"note": "the initial weights" if same_as == 0 else "no record"}
+    return {**record, "policy_version": policy_version, "republished_from": same_as,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def write_lineage(run_dir: Path, record: Mapping[str, Any]) -> str:
     """Write ``record`` to ``lineage/policy-vNNNN.json`` under ``run_dir`` (whole or absent);
     returns the path relative to ``run_dir``."""

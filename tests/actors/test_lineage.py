@@ -5,7 +5,7 @@ import json
 
 from actors.config import RunConfig
 from actors.curation import Curated
-from actors.lineage import chain, digest, next_reward_model, policy_lineage, write_lineage
+from actors.lineage import chain, digest, next_reward_model, policy_lineage, republished_lineage, write_lineage
 from rlhf.preferences import Choice, PreferencePair
 from rlhf.sft import Demonstration
 
@@ -64,3 +64,12 @@ def test_a_policy_versions_lineage_is_written_with_what_trained_it(tmp_path):
     assert saved["prompts"]["train_prompts_sha256"] == digest(["a", "b"])
     assert len(saved["run"]["config_sha256"]) == 64
     assert not list(tmp_path.glob("lineage/*.tmp"))
+
+
+def test_a_version_republished_by_a_restore_carries_the_restored_versions_record(tmp_path):
+    write_lineage(tmp_path, {"policy_version": 2, "round": 1, "feedback": {"watermark_to": 40}})
+    again = republished_lineage(tmp_path, policy_version=4, same_as=2)  # v3 was served, then lost
+    assert write_lineage(tmp_path, again) == "lineage/policy-v0004.json"
+    saved = json.loads((tmp_path / "lineage" / "policy-v0004.json").read_text())
+    assert saved["republished_from"] == 2 and saved["feedback"] == {"watermark_to": 40} and saved["round"] == 1
+    assert republished_lineage(tmp_path, policy_version=1, same_as=0)["note"] == "the initial weights"

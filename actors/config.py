@@ -34,6 +34,10 @@ class RoleResources(BaseModel):
     """GPUs per process."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per process (e.g. a node label such as {"trainer_node": 1})."""
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU threads torch uses in the process (None: its whole CPUs reserved, at least 1). The
+    loop's stages run one after another, so on a small machine a role may use more cores than
+    it reserves while the others wait."""
 
 
 class TrainerGroupConfig(RoleResources):

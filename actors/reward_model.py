@@ -7,27 +7,29 @@ import ray
 
 @ray.remote
 class RewardModelActor:
-    """Holds one `rlhf.reward.RewardModel`; every round adds its pairs and retrains."""
+    """Holds one `rlhf.reward.RewardModel`; every round adds its pairs and updates it."""
 
     def __init__(self, cfg_json: str):
-        import torch
 
         from actors.config import RunConfig
         from rlhf.reward.model import build_reward_model
+        from rlhf.threads import set_torch_threads
 
         cfg = RunConfig.model_validate_json(cfg_json)
         self.cfg = cfg
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        set_torch_threads(cfg.cluster.reward_model.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         self.model = build_reward_model(cfg.reward, cfg.model)
         self.items: list = []
         self.trained_rounds = 0
 
     def train(self, items: list) -> dict:
-        """Add a round's items (PreferencePair / Ranking) and fit on everything so far."""
+        """Add a round's items (PreferencePair / Ranking) and update the model: on everything
+        so far, or on the new pairs plus a sample of earlier ones (``reward.update_pairs``)."""
         from rlhf.reward.trainer import train_reward_model
 
+        new_from = len(self.items)
         self.items.extend(items)
-        report = train_reward_model(self.model, self.items)
+        report = train_reward_model(self.model, self.items, new_from=new_from)
         self.trained_rounds += 1
         return {
             "pairs_total": len(self.items),
@@ -42,27 +44,43 @@ class RewardModelActor:
         return self.model.score(prompts, responses)
 
     def save(self, directory: str) -> None:
-        """What `load` needs: the items trained on so far (see `load`)."""
+        """The trained tensors (adapters or weights, head, centring offset) and the items
+        trained on so far."""
         import pickle
         from pathlib import Path
+
+        from safetensors.torch import save_file
 
         Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file(_trained_tensors(self.model), str(Path(directory) / "trained.safetensors"))
         (Path(directory) / "items.pkl").write_bytes(pickle.dumps(self.items))
+        (Path(directory) / "rounds.txt").write_text(f"{self.trained_rounds}\n")
 
     def load(self, directory: str) -> int:
-        """Rebuild the model and refit it on the checkpoint's items: training is seeded and
-        deterministic, so this restores the same weights, adapters and all."""
+        """Restore what `save` wrote onto a fresh model: the same scores as before."""
         import pickle
         from pathlib import Path
 
+        from safetensors.torch import load_file
+
         from rlhf.reward.model import build_reward_model
-        from rlhf.reward.trainer import train_reward_model
 
         self.items = pickle.loads((Path(directory) / "items.pkl").read_bytes())
         self.model = build_reward_model(self.cfg.reward, self.cfg.model)
-        if self.items:
-            train_reward_model(self.model, self.items)
+        tensors = load_file(str(Path(directory) / "trained.safetensors"))
+        missing = set(tensors) - set(self.model.state_dict())
+        if missing:
+            raise ValueError(f"{directory}: tensors the reward model does not have: {sorted(missing)[:3]}")
+        self.model.load_state_dict(tensors, strict=False)
+        self.model.eval()
+        self.trained_rounds = int((Path(directory) / "rounds.txt").read_text())
         return len(self.items)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def _trained_tensors(model) -> dict:
+    """What training changes: the trainable tensors and the centring offset."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad} | {"offset"}
+    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name in names}

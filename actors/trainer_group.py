@@ -48,6 +48,7 @@ class PPOWorker:
         from actors.config import RunConfig
         from rlhf.models import build_critic, load_policy
         from rlhf.ppo.trainer import PPOTrainer, init_distributed
+        from rlhf.threads import set_torch_threads
 
         cfg = RunConfig.model_validate_json(self.cfg_json)
         gpu = bool(ray.get_gpu_ids())
@@ -60,7 +61,7 @@ class PPOWorker:
         )
         if not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        set_torch_threads(cfg.cluster.trainer.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         init_distributed(None if backend == "auto" else backend)
         policy, tokenizer = load_policy(cfg.model, cfg.lora)
         critic = build_critic(cfg.critic, policy, cfg.model, tokenizer) if cfg.ppo.uses_critic else None

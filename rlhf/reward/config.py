@@ -78,6 +78,12 @@ class RewardConfig(BaseModel):
     min_delta: float = Field(0.0, ge=0.0)
     """Smallest decrease of the validation loss that counts as an improvement."""
 
+    update_pairs: int | None = Field(None, ge=1)
+    """Training pairs of one update after the first (the loop adds pairs every round): all new
+    pairs plus a seeded sample of earlier ones, up to this many in all, so an update's cost
+    stays flat as feedback accumulates. None: every pair so far, every update. Validation
+    always uses every held-out pair."""
+
     center_scores: bool = True
     """After training, subtract the mean score of the training responses, so that scores are
     centred at 0 (Bradley–Terry fixes only differences, not the level)."""

@@ -8,6 +8,7 @@ every epoch, early stopping on validation loss with the best epoch's weights res
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -149,10 +150,28 @@ def fit(model: RewardModel, split: PairSplit) -> RewardTrainingReport:
 
 
 def train_reward_model(
-    model: RewardModel, records: Sequence[PreferencePair | Ranking]
+    model: RewardModel, records: Sequence[PreferencePair | Ranking], *, new_from: int = 0
 ) -> RewardTrainingReport:
     """Expand rankings, turn preferences into targets (ties, both-bad, strength, weights as
-    configured), split by prompt, and :func:`fit`."""
+    configured), split by prompt, and :func:`fit`.
+
+    ``records[new_from:]`` are new since the model's last update; with ``update_pairs`` set
+    and earlier records present, the update trains on :func:`update_split`'s pairs."""
     cfg = model.cfg
-    pairs = training_pairs(expand(records), cfg)
-    return fit(model, split_by_prompt(pairs, cfg.validation_fraction, cfg.split_seed))
+    old = training_pairs(expand(records[:new_from]), cfg)
+    new = training_pairs(expand(records[new_from:]), cfg)
+    split = split_by_prompt(old + new, cfg.validation_fraction, cfg.split_seed)
+    if cfg.update_pairs is not None and old:
+        split = update_split(split, new, cfg.update_pairs, seed=cfg.seed + len(old))
+    return fit(model, split)
+
+
+def update_split(split: PairSplit, new: Sequence[TrainingPair], budget: int, seed: int) -> PairSplit:
+    """The training side cut to the new pairs plus a seeded sample of the earlier ones, at most
+    ``budget`` pairs in all (every new one kept); validation unchanged."""
+    new_ids = {id(p) for p in new}
+    fresh = [p for p in split.train if id(p) in new_ids]
+    earlier = [p for p in split.train if id(p) not in new_ids]
+    room = min(len(earlier), max(0, budget - len(fresh)))
+    replay = random.Random(seed).sample(earlier, room)
+    return PairSplit(train=fresh + replay, validation=split.validation)

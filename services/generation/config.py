@@ -29,6 +29,8 @@ class GenerationConfig(BaseModel):
     """CPUs reserved per replica."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per replica (fractions share a GPU)."""
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU threads torch uses in a replica (None: its whole CPUs reserved, at least 1)."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per replica (e.g. {"node:gen": 0.01} to pin replicas to a node type)."""
     max_batch_size: int = Field(16, ge=1)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rlhf.models import LoraConfig, ModelConfig
+from rlhf.threads import set_torch_threads
 from services.generation.config import GenerationConfig
 from services.generation.engine import GenerateRequest, GenerateResult, PolicyEngine, StaleWeights, WeightUpdate
 
@@ -137,6 +138,7 @@ app = FastAPI(title="hitl generation server")
 class GenerationServer:
     def __init__(self, model_cfg: dict, lora_cfg: dict | None, gen_cfg: dict, broadcaster_namespace: str | None = None):
         self.cfg = GenerationConfig(**gen_cfg)
+        set_torch_threads(self.cfg.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         lora = LoraConfig(**lora_cfg) if lora_cfg else None
         self.engine = PolicyEngine(ModelConfig(**model_cfg), lora, self.cfg.max_prompt_tokens)
         self.model_name = model_cfg.get("path") or model_cfg.get("source", "policy")

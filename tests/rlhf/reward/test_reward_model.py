@@ -135,3 +135,34 @@ def test_ties_pull_scores_together(tiny_cfg: ModelConfig) -> None:
     train_reward_model(model, pairs)
     gap_after = (model.score(["q0"], ["alpha beta"]) - model.score(["q0"], ["gamma delta"])).abs()
     assert gap_before.item() > 0.01 and gap_after.item() < 0.25 * gap_before.item()
+
+
+def test_update_split_keeps_new_pairs_and_samples_earlier_ones() -> None:
+    from rlhf.reward.data import PairSplit, TrainingPair
+    from rlhf.reward.trainer import update_split
+
+    def pair(i: int) -> TrainingPair:
+        return TrainingPair(prompt=f"p{i}", response_a="a", response_b="b", target=1.0, weight=1.0, group_key=f"p{i}")
+
+    earlier, new, held = [pair(i) for i in range(20)], [pair(i) for i in range(20, 26)], [pair(i) for i in range(30, 33)]
+    split = PairSplit(train=earlier + new, validation=held)
+    cut = update_split(split, new, budget=10, seed=3)
+    assert cut.validation == held
+    assert cut.train[:6] == new and len(cut.train) == 10
+    assert all(p in earlier for p in cut.train[6:]) and len({p.prompt for p in cut.train}) == 10
+    assert update_split(split, new, budget=10, seed=3).train == cut.train  # seeded
+    assert update_split(split, new, budget=4, seed=3).train == new  # new pairs are never dropped
+    assert len(update_split(split, new, budget=100, seed=3).train) == 26
+
+
+def test_incremental_updates_train_on_a_bounded_set_and_keep_learning(tiny_cfg: ModelConfig) -> None:
+    cfg = FAST.model_copy(update={"update_pairs": 60, "max_epochs": 4})
+    torch.manual_seed(0)
+    model = build_reward_model(cfg, tiny_cfg)
+    records = make_pairs(240, seed=1)
+    first = train_reward_model(model, records[:80])
+    later = [train_reward_model(model, records[: 80 + 40 * k], new_from=40 + 40 * k) for k in range(1, 5)]
+    assert first.train_pairs > 60
+    assert all(r.train_pairs <= 60 for r in later)
+    assert later[-1].validation_pairs > first.validation_pairs  # validation covers every held-out pair
+    assert evaluate_preferences(model, make_pairs(200, seed=99)).accuracy >= 0.85

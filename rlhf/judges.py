@@ -7,6 +7,11 @@ Rules (by name):
 - ``positive``: more positive words than negative ones (a small lexicon).
 - ``concise``: fewer words, as long as the answer is not empty.
 - ``format``: answers that match a regular expression (e.g. a bulleted list).
+
+A judge can also *edit* an answer the way a person following the rule would correct it
+(`Judge.edit`): ``concise`` keeps the first sentence, ``positive`` drops the sentences with
+negative words, ``format`` turns sentences into a bulleted list. Simulated annotators send
+such edits as corrections.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ NEGATIVE = frozenset(
     "unfortunately never nothing dull gloomy miserable".split()
 )
 _WORD = re.compile(r"[a-z']+")
+_SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?]+|\n|$)")
 
 
 class JudgeConfig(BaseModel):
@@ -74,6 +80,10 @@ class Judge:
             return "tie"
         return "a" if sa > sb else "b"
 
+    def edit(self, prompt: str, response: str) -> str:
+        """The response corrected to follow the rule (unchanged where it already does)."""
+        return _EDITORS[self.cfg.rule](response)
+
     def noisy_compare(self, prompt: str, a: str, b: str, noise: float, rng: random.Random) -> Literal["a", "b", "tie"]:
         """The rule's answer, replaced by a coin flip between a and b with probability `noise`."""
         if rng.random() < noise:
@@ -83,6 +93,32 @@ class Judge:
 
 def _format_score(cfg: JudgeConfig, response: str) -> float:
     return float(bool(re.search(cfg.pattern, response, flags=re.MULTILINE)))
+
+
+def sentences(text: str) -> list[str]:
+    """The text's sentences (ended by . ! ? or a line break), stripped, empty ones left out."""
+    return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+
+
+def _first_sentence(response: str) -> str:
+    parts = sentences(response)
+    return parts[0] if parts and words(parts[0]) else response.strip()
+
+
+def _without_negative(response: str) -> str:
+    kept = [s for s in sentences(response) if not NEGATIVE.intersection(words(s))]
+    return " ".join(kept) if kept and any(words(s) for s in kept) else response.strip()
+
+
+def _bulleted(response: str) -> str:
+    return "\n".join(f"- {s}" for s in sentences(response)) or response.strip()
+
+
+_EDITORS: dict[str, Callable[[str], str]] = {
+    "positive": _without_negative,
+    "concise": _first_sentence,
+    "format": _bulleted,
+}
 
 
 _SCORERS: dict[str, Callable[[JudgeConfig, str], float]] = {

@@ -2,7 +2,9 @@
 
 Each judges by a rule (`rlhf.judges`) with its own noise rate, so an unattended
 run has people-like feedback whose quality is known: with noise p, a judgement
-agrees with the rule with probability 1 - p/2.
+agrees with the rule with probability 1 - p/2. With `correction_rate` > 0 an
+annotator also corrects some tasks: the answer it preferred, edited by the rule
+(`Judge.edit`), sent as a correction record beside the preference.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class AnnotatorConfig(BaseModel):
     """The rule this annotator follows."""
     noise: float = Field(0.1, ge=0.0, le=1.0)
     """Probability of answering by coin flip instead of by the rule."""
+    correction_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of also correcting a task: the preferred answer edited by the rule, sent
+    as a correction (skipped where the edit changes nothing)."""
     seed: int = 0
     """Seed of the annotator's own random choices."""
     batch: int = Field(16, ge=1, le=1000)
@@ -43,8 +48,9 @@ class AnnotatorConfig(BaseModel):
 
 @dataclass
 class AnnotatorStats:
-    judged: int = 0
-    accepted: int = 0
+    judged: int = 0  # tasks judged
+    corrected: int = 0  # of which also corrected
+    accepted: int = 0  # records stored (preferences and corrections)
     rejected: int = 0
 
 
@@ -62,16 +68,35 @@ class SimulatedAnnotator:
         a, b = task.candidates[0], task.candidates[1]
         started = time.time()
         verdict = self.judge.noisy_compare(task.prompt, a.text, b.text, self.cfg.noise, self.rng)
+        return self._record(task, started, preference=pb.Preference(candidate_a_id=a.candidate_id, candidate_b_id=b.candidate_id,
+                                                                     choice=_CHOICE[verdict]))
+
+    def correct_task(self, task: pb.LabelingTask, preference: pb.Preference) -> pb.FeedbackRecord | None:
+        """A correction of the preferred candidate (the first on a tie or both-bad), drawn with
+        probability `correction_rate`; None when not drawn or when the edit changes nothing."""
+        if self.cfg.correction_rate == 0.0 or self.rng.random() >= self.cfg.correction_rate:
+            return None
+        chosen = preference.candidate_b_id if preference.choice == pb.Preference.CHOICE_B else preference.candidate_a_id
+        original = next(c.text for c in task.candidates if c.candidate_id == chosen)
+        started = time.time()
+        edited = self.judge.edit(task.prompt, original)
+        if not edited.strip() or edited.strip() == original.strip():
+            return None
+        return self._record(task, started, suffix="correction",
+                            correction=pb.Correction(candidate_id=chosen, corrected_text=edited, note=f"edited by the {self.cfg.judge.rule} rule"))
+
+    def _record(self, task: pb.LabelingTask, started: float, suffix: str = "", **judgement) -> pb.FeedbackRecord:
+        key = uuid.uuid5(uuid.NAMESPACE_URL, task.task_id).hex[:8]
         return pb.FeedbackRecord(
-            feedback_id=f"{self.cfg.annotator_id}:{task.task_id}:{uuid.uuid5(uuid.NAMESPACE_URL, task.task_id).hex[:8]}",
+            feedback_id=f"{self.cfg.annotator_id}:{task.task_id}:{key}" + (f":{suffix}" if suffix else ""),
             project=self.project,
             task_id=task.task_id,
             prompt_id=task.prompt_id,
             annotator_id=self.cfg.annotator_id,
             confidence=1.0 - self.cfg.noise / 2,
             lead_time_seconds=time.time() - started,
-            preference=pb.Preference(candidate_a_id=a.candidate_id, candidate_b_id=b.candidate_id, choice=_CHOICE[verdict]),
             metadata={"simulated": "true", "rule": self.cfg.judge.rule},
+            **judgement,
         )
 
     def run_once(self) -> int:
@@ -79,7 +104,14 @@ class SimulatedAnnotator:
         tasks = list(self.client.pull_tasks(self.project, self.cfg.annotator_id, max_tasks=self.cfg.batch, lease_seconds=self.cfg.lease_seconds))
         if not tasks:
             return 0
-        results = self.client.submit([self.judge_task(t) for t in tasks])
+        records = []
+        for t in tasks:
+            records.append(self.judge_task(t))
+            correction = self.correct_task(t, records[-1].preference)
+            if correction is not None:
+                records.append(correction)
+                self.stats.corrected += 1
+        results = self.client.submit(records)
         self.stats.judged += len(tasks)
         self.stats.accepted += sum(r.status != pb.RecordResult.STATUS_REJECTED for r in results)
         self.stats.rejected += sum(r.status == pb.RecordResult.STATUS_REJECTED for r in results)

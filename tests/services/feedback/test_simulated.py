@@ -64,3 +64,31 @@ def test_annotators_label_everything_over_grpc(server):
     assert server.server.store.stats().open_tasks == 0
     # nothing left to judge, and a resubmission is idempotent
     assert clean.run_once() == 0
+
+
+def test_rule_edits_make_answers_follow_the_rule():
+    text = "It was a terrible trip. The hotel was lovely!\nWe will go back."
+    concise, positive, fmt = (Judge(JudgeConfig(rule=r)) for r in ("concise", "positive", "format"))
+    assert concise.edit("", text) == "It was a terrible trip."
+    assert positive.edit("", text) == "The hotel was lovely! We will go back."
+    assert fmt.edit("", text) == "- It was a terrible trip.\n- The hotel was lovely!\n- We will go back."
+    for judge in (concise, positive, fmt):  # an edit never loses to the original under its own rule
+        assert judge.compare("", judge.edit("", text), text) in ("a", "tie")
+    assert concise.edit("", "Yes.") == "Yes."  # already follows the rule: unchanged
+
+
+def test_annotators_send_corrections_of_the_answer_they_prefer(server):
+    long_a = "First sentence here. And a second one that adds little."
+    tasks = [Task(f"c{i}", "demo", f"p{i}", "Tell me.", (pb.Candidate(candidate_id="x", text=long_a),
+                  pb.Candidate(candidate_id="y", text=long_a + " And a third.")), annotations_wanted=1) for i in range(20)]
+    server.server.store.add_tasks(tasks)
+    cfg = AnnotatorConfig(annotator_id="editor", noise=0.0, correction_rate=0.5, seed=4, judge=JudgeConfig(rule="concise"))
+    annotator = SimulatedAnnotator(cfg, FeedbackClient(server.address), "demo")
+    while annotator.run_once():
+        pass
+    stored = [s.record for s in server.server.store.iter_after(0)]
+    corrections = [r for r in stored if r.WhichOneof("judgement") == "correction"]
+    assert annotator.stats.judged == 20 and annotator.stats.corrected == len(corrections)
+    assert 4 <= len(corrections) <= 16  # about half, drawn
+    assert all(c.correction.candidate_id == "x" and c.correction.corrected_text == "First sentence here." for c in corrections)
+    assert len({r.feedback_id for r in stored}) == len(stored) == 20 + len(corrections)

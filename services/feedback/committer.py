@@ -1,6 +1,7 @@
 """Group commit: batches from every concurrent call share one durable transaction.
 
-Calls hand their records to `GroupCommitter.submit`; one writer loop takes
+Calls hand their records to `GroupCommitter.submit`, which validates and
+encodes them on the event loop (`store.prepare`); one writer loop takes
 everything queued (up to `max_group_records`), writes it to the store in a
 single transaction on a dedicated thread, and resolves each caller's future
 with its own outcomes. While one transaction is being fsynced, the next group
@@ -47,6 +48,7 @@ class CommitterClosed(RuntimeError):
 @dataclass
 class _Request:
     records: Sequence[pb.FeedbackRecord]
+    prepared: list  # store.prepare(records): validated, serialised and hashed, one item per record
     future: asyncio.Future = field(repr=False)
 
 
@@ -94,9 +96,13 @@ class GroupCommitter:
                 await self._space.wait_for(lambda: self._closed or self._pending + n <= self._max_pending or self._pending == 0)
             if self._closed:
                 raise CommitterClosed("the service is shutting down")
+        # Validation, serialisation and hashing need no database: they run here, on the
+        # event loop, while the writer thread is busy with the previous group's
+        # transaction, and the writer only runs the SQL.
+        prepared = self._store.prepare(records)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending += n
-        self._queue.put_nowait(_Request(records, future))
+        self._queue.put_nowait(_Request(records, prepared, future))
         return await future
 
     def retry_after_s(self) -> float:
@@ -132,10 +138,14 @@ class GroupCommitter:
             await self._commit(loop, group, size)
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, group: list[_Request], size: int) -> None:
-        records = [r for req in group for r in req.records]
+        if len(group) == 1:
+            records, prepared = group[0].records, group[0].prepared
+        else:
+            records = [r for req in group for r in req.records]
+            prepared = [item for req in group for item in req.prepared]
         started = time.perf_counter()
         try:
-            outcomes = await loop.run_in_executor(self._writer, self._store.write_batch, records)
+            outcomes = await loop.run_in_executor(self._writer, self._store.write_prepared, prepared)
         except Exception as err:  # noqa: BLE001 - every waiting caller learns of it
             for req in group:
                 if not req.future.done():

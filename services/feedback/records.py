@@ -161,6 +161,90 @@ def _first(checks: Iterable[Rejection | None]) -> Rejection | None:
 
 def check_record(record: pb.FeedbackRecord, limits: Limits) -> Rejection | None:
     """Checks that need nothing but the record itself."""
+    if plain_fields(record, limits, record.ByteSize()) is not None:
+        return None
+    return _check_record_exactly(record, limits)
+
+
+def plain_fields(record: pb.FeedbackRecord, limits: Limits, size: int) -> tuple[str, str, str, str, str] | None:
+    """(project, feedback_id, kind, task_id, annotator_id) of a record that passes every
+    check of `check_record`, or None.
+
+    `size` is the record's serialised size in bytes (`ByteSize()`, or the length
+    of its serialisation at hand): no string field holds more bytes than the
+    whole record, so a small record needs no length check of its text fields.
+
+    This runs once per ingested record, so it is written for the common case, a
+    valid correction or preference, with few calls and no intermediate objects.
+    None does not mean invalid (a ranking, say, always answers None): the
+    exact checks then decide, and they alone name the rejected field. So this
+    makes validation faster but never changes its result.
+    """
+    id_limit = limits.max_id_bytes
+    feedback_id, project, task_id, annotator_id = record.feedback_id, record.project, record.task_id, record.annotator_id
+    prompt_id, guidelines = record.prompt_id, record.guidelines_version
+    if "\x00" in "".join((feedback_id, project, task_id, annotator_id, prompt_id, guidelines)):
+        return None
+    if size > id_limit:
+        for value in (feedback_id, project, task_id, annotator_id, prompt_id, guidelines):
+            if len(value) * 4 > id_limit and _nbytes(value) > id_limit:
+                return None
+    if not (feedback_id and project and task_id and annotator_id):
+        return None
+    if feedback_id.isspace() or project.isspace() or task_id.isspace() or annotator_id.isspace():
+        return None
+    if record.HasField("confidence"):
+        c = record.confidence
+        if not 0.0 <= c <= 1.0:  # False for NaN as well; an infinity lies outside the range
+            return None
+    if record.HasField("lead_time_seconds"):
+        t = record.lead_time_seconds
+        if not (t >= 0.0 and t != math.inf):  # False for NaN
+            return None
+    metadata = record.metadata
+    if metadata:
+        if len(metadata) > limits.max_metadata_entries:
+            return None
+        key_limit, value_limit = limits.max_metadata_key_bytes, limits.max_metadata_value_bytes
+        if len("".join(metadata)) * 4 > key_limit:  # else every key is short enough
+            for key in metadata:
+                if len(key) * 4 > key_limit and _nbytes(key) > key_limit:
+                    return None
+        if size > value_limit:
+            for key in metadata:
+                value = metadata[key]
+                if len(value) * 4 > value_limit and _nbytes(value) > value_limit:
+                    return None
+    kind = record.WhichOneof("judgement")
+    if kind == "correction":
+        c = record.correction
+        candidate, text = c.candidate_id, c.corrected_text
+        if not candidate or "\x00" in candidate or candidate.isspace() or not text or text.isspace():
+            return None
+        if size > id_limit and len(candidate) * 4 > id_limit and _nbytes(candidate) > id_limit:
+            return None
+        if size > limits.max_text_bytes and len(text) * 4 > limits.max_text_bytes and _nbytes(text) > limits.max_text_bytes:
+            return None
+        if size > limits.max_note_bytes:
+            note = c.note
+            if len(note) * 4 > limits.max_note_bytes and _nbytes(note) > limits.max_note_bytes:
+                return None
+    elif kind == "preference":
+        p = record.preference
+        a, b = p.candidate_a_id, p.candidate_b_id
+        if not a or not b or a == b or "\x00" in a or "\x00" in b or a.isspace() or b.isspace():
+            return None
+        if size > id_limit and ((len(a) * 4 > id_limit and _nbytes(a) > id_limit) or (len(b) * 4 > id_limit and _nbytes(b) > id_limit)):
+            return None
+        if p.choice not in _PLAIN_CHOICES or p.HasField("strength"):
+            return None
+    else:
+        return None
+    return project, feedback_id, kind, task_id, annotator_id
+
+
+def _check_record_exactly(record: pb.FeedbackRecord, limits: Limits) -> Rejection | None:
+    """Every check of `check_record`, in order: the first failing one names the field."""
     head = _first(
         (
             _check_id("feedback_id", record.feedback_id, limits),
@@ -302,6 +386,8 @@ def _check_flag(f: pb.Flag, limits: Limits) -> Rejection | None:
     return None
 
 
+_PLAIN_CHOICES = frozenset((pb.Preference.CHOICE_A, pb.Preference.CHOICE_B, pb.Preference.CHOICE_TIE, pb.Preference.CHOICE_BOTH_BAD))
+
 _KIND_CHECKS = {
     "preference": _check_preference,
     "ranking": _check_ranking,
@@ -311,8 +397,11 @@ _KIND_CHECKS = {
 }
 
 
-def check_against_task(record: pb.FeedbackRecord, task: Task | None) -> Rejection | None:
-    """Checks that need the judged task (None when the store does not know it)."""
+def check_against_task(record: pb.FeedbackRecord, task: Task | None, kind: str | None = None) -> Rejection | None:
+    """Checks that need the judged task (None when the store does not know it).
+
+    `kind` is `kind_of(record)` when the caller knows it already.
+    """
     if task is None:
         return Rejection("task_id", f"unknown task {record.task_id!r}")
     if task.project != record.project:
@@ -320,13 +409,18 @@ def check_against_task(record: pb.FeedbackRecord, task: Task | None) -> Rejectio
     if record.prompt_id and record.prompt_id != task.prompt_id:
         return Rejection("prompt_id", f"task {task.task_id!r} has prompt_id {task.prompt_id!r}, not {record.prompt_id!r}")
     ids = task.candidate_ids
-    kind = kind_of(record)
-    if kind == "preference":
+    if kind is None:
+        kind = kind_of(record)
+    if kind == "correction":
+        if record.correction.candidate_id not in ids:
+            return Rejection("correction.candidate_id", f"unknown candidate {record.correction.candidate_id!r} for task {task.task_id!r}")
+    elif kind == "preference":
         p = record.preference
-        for name in ("candidate_a_id", "candidate_b_id"):
-            value = getattr(p, name)
-            if value not in ids:
-                return Rejection(f"preference.{name}", f"unknown candidate {value!r} for task {task.task_id!r}")
+        a, b = p.candidate_a_id, p.candidate_b_id
+        if a not in ids:
+            return Rejection("preference.candidate_a_id", f"unknown candidate {a!r} for task {task.task_id!r}")
+        if b not in ids:
+            return Rejection("preference.candidate_b_id", f"unknown candidate {b!r} for task {task.task_id!r}")
     elif kind == "ranking":
         ranked = [e.candidate_id for e in record.ranking.entries]
         for i, cid in enumerate(ranked):
@@ -345,9 +439,6 @@ def check_against_task(record: pb.FeedbackRecord, task: Task | None) -> Rejectio
                 return Rejection(f"ratings.entries[{i}].aspect", f"{entry.aspect!r} is not declared by the task (declared: {declared})")
             if not scale.min <= entry.value <= scale.max:
                 return Rejection(f"ratings.entries[{i}].value", f"{entry.value} is outside the scale [{scale.min}, {scale.max}] of {entry.aspect!r}")
-    elif kind == "correction":
-        if record.correction.candidate_id not in ids:
-            return Rejection("correction.candidate_id", f"unknown candidate {record.correction.candidate_id!r} for task {task.task_id!r}")
     elif kind == "flag":
         cid = record.flag.candidate_id
         if cid and cid not in ids:

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
@@ -36,11 +36,16 @@ from services.feedback.records import (
     check_against_task,
     check_record,
     check_task,
-    kind_of,
+    plain_fields,
 )
 
 SCHEMA_VERSION = 2
 _IN_CHUNK = 500  # ids per IN (...) list
+_sha256 = hashlib.sha256
+
+# One record ready for `SqlStore.write_prepared` (see `SqlStore.prepare`): its Outcome when it was
+# rejected, else (project, feedback_id, kind, task_id, annotator_id, content_hash, blob, record).
+Prepared = Any
 
 
 class StoreError(RuntimeError):
@@ -53,9 +58,12 @@ class Status(Enum):
     REJECTED = "rejected"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one record of a written batch."""
+class Outcome(NamedTuple):
+    """What happened to one record of a written batch.
+
+    A named tuple rather than a dataclass: one is made per ingested record, and
+    a tuple is several times cheaper to build than a frozen dataclass.
+    """
 
     status: Status
     seq: int = 0  # store position, for ACCEPTED and DUPLICATE
@@ -92,6 +100,8 @@ class FeedbackStore(Protocol):
     url: str
 
     def write_batch(self, records: Sequence[pb.FeedbackRecord]) -> list[Outcome]: ...
+    def prepare(self, records: Iterable[pb.FeedbackRecord]) -> list[Any]: ...
+    def write_prepared(self, items: Sequence[Any]) -> list[Outcome]: ...
     def read_after(self, watermark: int, limit: int = 1000, projects: Iterable[str] | None = None) -> list[StoredRecord]: ...
     def watermark(self) -> int: ...
     def add_tasks(self, tasks: Sequence[Task]) -> list[TaskOutcome]: ...
@@ -257,57 +267,80 @@ class SqlStore:
     def write_batch(self, records: Sequence[pb.FeedbackRecord]) -> list[Outcome]:
         """Validate and store records in one transaction; one outcome per record.
 
-        Everything that needs only the records (validation, serialization,
-        hashing) happens before the write lock is taken, so the lock is held
-        for the SQL alone; inside it every step is one statement batch for the
-        whole group, not one round trip per record.
+        The same as `write_prepared(prepare(records))`.
         """
-        outcomes: list[Outcome | None] = [None] * len(records)
-        encoded: dict[int, _Encoded] = {}
-        for i, record in enumerate(records):
-            rejection = check_record(record, self.limits)
-            if rejection is not None:
-                outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
-            else:
-                encoded[i] = _encode(record)
+        return self.write_prepared(self.prepare(records))
+
+    def prepare(self, records: Iterable[pb.FeedbackRecord]) -> list[Prepared]:
+        """Validate, serialise and hash records for `write_prepared`; one item per record.
+
+        Everything here needs only the records, never the database, so it can
+        run on any thread and before the write lock is taken: the service's
+        committer prepares each batch on the event loop as it arrives, while
+        the writer thread is busy with the previous group's transaction. An
+        item is the record's `Outcome` when it was rejected here, else the row
+        the store keeps: (project, feedback_id, kind, task_id, annotator_id,
+        content hash, serialised record, the record).
+        """
+        limits = self.limits
+        items: list[Prepared] = []
+        append = items.append
+        for record in records:
+            blob = record.SerializeToString(deterministic=True)
+            fields = plain_fields(record, limits, len(blob))
+            if fields is None:
+                rejection = check_record(record, limits)
+                if rejection is not None:
+                    append(Outcome(Status.REJECTED, 0, rejection))
+                    continue
+                fields = (record.project, record.feedback_id, record.WhichOneof("judgement"), record.task_id, record.annotator_id)
+            # the content hash is records.content_hash(record), without serialising twice
+            append((*fields, _sha256(blob).digest(), blob, record))
+        return items
+
+    def write_prepared(self, items: Sequence[Prepared]) -> list[Outcome]:
+        """Store prepared records (`prepare`) in one transaction; one outcome per item, in order.
+
+        Inside the write lock every step is one statement batch for the whole
+        group, not one round trip per record.
+        """
+        outcomes: list[Outcome | None] = [item if type(item) is Outcome else None for item in items]
+        if all(o is not None for o in outcomes):
+            return outcomes  # type: ignore[return-value]  # nothing to write
         conn = self._conn()
         self._d.begin_write(conn)
         try:
-            self._write_locked(conn, records, outcomes, encoded)
+            self._write_locked(conn, items, outcomes)
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
         return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
 
-    def _write_locked(
-        self,
-        conn: Any,
-        records: Sequence[pb.FeedbackRecord],
-        outcomes: list[Outcome | None],
-        encoded: dict[int, "_Encoded"],
-    ) -> None:
+    def _write_locked(self, conn: Any, items: Sequence[Prepared], outcomes: list[Outcome | None]) -> None:
         cur = conn.cursor()
-        pending = list(encoded)
-        existing = self._existing(cur, [(records[i].project, records[i].feedback_id) for i in pending])
-        tasks = self._tasks(cur, {records[i].task_id for i in pending})
+        pending = [i for i, o in enumerate(outcomes) if o is None]
+        existing = self._existing(cur, [items[i][:2] for i in pending])
+        tasks = self._tasks(cur, {items[i][3] for i in pending})
+        task_of = tasks.get
         now = time.time()
         to_insert: list[int] = []
         in_batch: dict[tuple[str, str], int] = {}
+        copies: list[int] = []  # in-batch duplicates of a record inserted here
         for i in pending:
-            record = records[i]
-            key = (record.project, record.feedback_id)
+            item = items[i]
+            key = item[:2]  # (project, feedback_id)
             if key in existing:
                 seq, digest = existing[key]
-                outcomes[i] = self._resend(seq, digest, encoded[i].digest)
+                outcomes[i] = self._resend(seq, digest, item[5])
                 continue
             if key in in_batch:
-                first = in_batch[key]
-                outcomes[i] = Outcome(Status.DUPLICATE) if encoded[first].digest == encoded[i].digest else Outcome(
-                    Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record")
-                )
+                if items[in_batch[key]][5] == item[5]:
+                    copies.append(i)
+                else:
+                    outcomes[i] = Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
                 continue
-            rejection = check_against_task(record, tasks.get(record.task_id))
+            rejection = check_against_task(item[7], task_of(item[3]), item[2])
             if rejection is not None:
                 outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
                 continue
@@ -315,19 +348,7 @@ class SqlStore:
             to_insert.append(i)
         if not to_insert:
             return
-        rows = [
-            (
-                records[i].project,
-                records[i].feedback_id,
-                encoded[i].kind,
-                records[i].task_id,
-                records[i].annotator_id,
-                encoded[i].digest,
-                encoded[i].blob,
-                now,
-            )
-            for i in to_insert
-        ]
+        inserted = [items[i] for i in to_insert]
         seqs = self._d.insert_returning(
             cur,
             "feedback",
@@ -335,16 +356,16 @@ class SqlStore:
                 "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             ),
-            rows,
+            [(*item[:7], now) for item in inserted],
         )
+        accepted = Status.ACCEPTED
         for i, seq in zip(to_insert, seqs):
-            outcomes[i] = Outcome(Status.ACCEPTED, seq=seq)
+            outcomes[i] = Outcome(accepted, seq)
         # in-batch duplicates point at the stored copy
-        for i, o in enumerate(outcomes):
-            if o is not None and o.status is Status.DUPLICATE and o.seq == 0:
-                outcomes[i] = Outcome(Status.DUPLICATE, seq=outcomes[in_batch[(records[i].project, records[i].feedback_id)]].seq)
-        self._count(cur, [(records[i].project, encoded[i].kind, records[i].annotator_id) for i in to_insert])
-        self._mark_answered(cur, [(records[i].task_id, records[i].annotator_id) for i in to_insert], now)
+        for i in copies:
+            outcomes[i] = Outcome(Status.DUPLICATE, outcomes[in_batch[items[i][:2]]].seq)  # type: ignore[union-attr]
+        self._count(cur, [(item[0], item[2], item[4]) for item in inserted])
+        self._mark_answered(cur, [(item[3], item[4]) for item in inserted], now)
 
     @staticmethod
     def _resend(seq: int, stored: bytes, digest: bytes) -> Outcome:
@@ -677,21 +698,6 @@ class SqlStore:
             watermark=watermark,
             open_tasks=open_tasks,
         )
-
-
-@dataclass(frozen=True)
-class _Encoded:
-    """What the store keeps of one valid record, computed outside the write lock."""
-
-    blob: bytes  # deterministic serialization, stored as is
-    digest: bytes  # == records.content_hash(record): the hash of `blob`
-    kind: str
-
-
-def _encode(record: pb.FeedbackRecord) -> _Encoded:
-    blob = record.SerializeToString(deterministic=True)
-    # content_hash(record) without serializing the record a second time
-    return _Encoded(blob, hashlib.sha256(blob).digest(), kind_of(record))
 
 
 def _task_blob(task: Task) -> bytes:

@@ -130,3 +130,84 @@ def test_content_hash_ignores_nothing_but_order_of_map_entries():
     assert content_hash(a) == content_hash(b)
     b.metadata["x"] = "3"
     assert content_hash(a) != content_hash(b)
+
+
+def _variants():
+    """Good and bad corrections and preferences around every limit the fast path checks."""
+    from services.feedback.records import Limits as L
+
+    def correction(**kw):
+        return pb.FeedbackRecord(feedback_id="x", project="demo", task_id="t1", annotator_id="a",
+                                 correction=pb.Correction(candidate_id="c1", corrected_text="better", **kw))
+
+    texts = ["", " ", "\t\n", "a", "é" * 3, "\x00", "a\x00b", "x" * 8, "x" * 9, "é" * 4, "é" * 5, "😀" * 2, "😀" * 3, " x ", "y" * 40]
+    numbers = [None, -1.0, -0.0, 0.0, 0.5, 1.0, 1.5, math.nan, math.inf, -math.inf]
+    for base in (lambda: preference("f1"), correction):
+        for name in ("feedback_id", "project", "task_id", "annotator_id", "prompt_id", "guidelines_version"):
+            for text in texts:
+                r = base()
+                setattr(r, name, text)
+                yield r
+        for name in ("confidence", "lead_time_seconds"):
+            for value in numbers:
+                r = base()
+                if value is not None:
+                    setattr(r, name, value)
+                yield r
+        for key, value in [("k", "v"), ("k" * 9, "v"), ("é" * 3, "v"), ("k", "v" * 17), ("k", "é" * 5), ("k", "é" * 4), ("", "")]:
+            r = base()
+            r.metadata[key] = value
+            yield r
+        r = base()
+        r.metadata.update({f"k{i}": "v" for i in range(5)})
+        yield r
+    for name in ("candidate_id", "corrected_text", "note"):
+        for text in texts:
+            r = correction()
+            setattr(r.correction, name, text)
+            yield r
+    for name in ("candidate_a_id", "candidate_b_id"):
+        for text in texts + ["c0", "c1"]:
+            r = preference("f1")
+            setattr(r.preference, name, text)
+            yield r
+    for choice in range(-1, 6):
+        for strength in (None, 0.0, 0.5, 1.0, 2.0, math.nan):
+            r = preference("f1", choice=choice)
+            if strength is not None:
+                r.preference.strength = strength
+            yield r
+    yield ranking([("c0", 1), ("c1", 2)])
+    yield ratings(("c0", "helpfulness", 3))
+    yield pb.FeedbackRecord(feedback_id="y", project="demo", task_id="t1", annotator_id="a", flag=pb.Flag(kind=pb.Flag.KIND_PII))
+    yield pb.FeedbackRecord(feedback_id="z", project="demo", task_id="t1", annotator_id="a")
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [LIMITS, Limits(max_id_bytes=8, max_text_bytes=16, max_note_bytes=8, max_metadata_entries=4,
+                    max_metadata_key_bytes=8, max_metadata_value_bytes=16)],
+)
+def test_the_fast_path_accepts_only_what_the_exact_checks_accept(limits):
+    """check_record answers through plain_fields for common records; it must never pass a record
+    that the full checks reject, with limits small enough that the size shortcuts are tested too."""
+    from services.feedback.records import _check_record_exactly, plain_fields
+
+    fast_passes = 0
+    for record in _variants():
+        exact = _check_record_exactly(record, limits)
+        fields = plain_fields(record, limits, record.ByteSize())
+        if fields is not None:
+            fast_passes += 1
+            assert exact is None, (record, exact)
+            assert fields == (record.project, record.feedback_id, record.WhichOneof("judgement"), record.task_id, record.annotator_id)
+        assert check_record(record, limits) == exact
+    assert fast_passes > 20  # the fast path is taken for the common records
+
+
+def test_common_records_take_the_fast_path():
+    from services.feedback.records import plain_fields
+
+    good = preference("f1", confidence=0.9, lead_time_seconds=12.0)
+    good.metadata["notes"] = "n" * 1024
+    assert plain_fields(good, LIMITS, good.ByteSize()) is not None

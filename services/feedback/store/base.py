@@ -125,6 +125,8 @@ class Dialect(Protocol):
     def sql(self, statement: str) -> str: ...  # placeholder translation
     def begin_write(self, conn: Any) -> None: ...  # start a serialised write transaction
     def begin_read(self, conn: Any) -> None: ...
+    def committed(self, conn: Any) -> None: ...  # after each committed write of feedback
+    def close(self) -> None: ...  # the store closes: stop what the dialect runs of its own
     # (statement, args) selecting (feedback_id, seq, content_hash) of these ids in project, probing the
     # unique (project, feedback_id) index once per id whatever the table's statistics say
     def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]: ...
@@ -214,6 +216,7 @@ class SqlStore:
         return conn
 
     def close(self) -> None:
+        self._d.close()
         with self._conns_lock:
             for conn in self._conns:
                 try:
@@ -315,6 +318,7 @@ class SqlStore:
         except BaseException:
             conn.rollback()
             raise
+        self._d.committed(conn)
         return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
 
     def _write_locked(self, conn: Any, items: Sequence[Prepared], outcomes: list[Outcome | None]) -> None:

@@ -57,6 +57,12 @@ class PostgresDialect:
     def begin_read(self, conn: Any) -> None:
         return None  # psycopg opens a transaction on the first statement
 
+    def committed(self, conn: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
     def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]:
         # Not `project = %s AND feedback_id IN (...)`: before ANALYZE has seen the table, the
         # planner guesses `project = %s` to be selective, scans every row of the project and

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from services.feedback.records import Limits
 from services.feedback.store.base import SqlStore
+
+log = logging.getLogger(__name__)
+
+# WAL pages after which a commit copies the WAL into the database itself (SQLite's
+# auto-checkpoint, 1000 by default). The background checkpointer normally keeps
+# the WAL far below this; it is the backstop should that thread fall behind.
+_BACKSTOP_CHECKPOINT_PAGES = 8192
+_CHECKPOINT_INTERVAL_S = 0.25  # the least time between two background checkpoints
 
 
 class SqliteDialect:
@@ -18,15 +29,17 @@ class SqliteDialect:
 
     def __init__(self, path: Path):
         self.path = path
+        self._checkpointer = _Checkpointer(path)
 
     def connect(self) -> sqlite3.Connection:
-        # isolation_level=None: transactions are opened explicitly below
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=True)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk (WAL fsynced) before it returns, so an acked record survives power loss
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return _Connection(conn)
+        return _Connection(_open(self.path, _BACKSTOP_CHECKPOINT_PAGES))
+
+    def committed(self, conn: Any) -> None:
+        """After a write transaction: the WAL grew, so wake the checkpointer."""
+        self._checkpointer.nudge()
+
+    def close(self) -> None:
+        self._checkpointer.close()
 
     def sql(self, statement: str) -> str:
         return statement
@@ -67,6 +80,82 @@ class SqliteDialect:
         if len(seqs) != len(rows):
             raise RuntimeError(f"inserted {len(rows)} rows into {table} but found {len(seqs)} new keys")
         return seqs
+
+
+def _open(path: Path, autocheckpoint_pages: int) -> sqlite3.Connection:
+    # isolation_level=None: transactions are opened explicitly by the store
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=True)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk (WAL fsynced) before it returns, so an acked record survives power
+    # loss; a checkpoint fsyncs the database file before the WAL may be reused
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint_pages}")
+    return conn
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file on a thread of its own.
+
+    With SQLite's default auto-checkpoint, every ~1000th page written makes the
+    commit that crosses the mark copy the whole WAL into the database file and
+    fsync it before it returns: that commit, and every ack waiting for it, takes
+    tens of milliseconds longer — the ingest latency tail. Here the writer's
+    commits only wake this thread, which runs a PASSIVE checkpoint (it never
+    blocks the writer, nor waits for it) at most every `_CHECKPOINT_INTERVAL_S`
+    on its own connection. SQLite restarts the WAL from its beginning at the
+    first write after a checkpoint that copied all of it. Durability is
+    SQLite's: a checkpoint syncs the database file before any WAL frame it
+    copied may be overwritten. Should this thread fall behind, the writers'
+    own auto-checkpoint at `_BACKSTOP_CHECKPOINT_PAGES` takes over.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def nudge(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._stop = threading.Event()
+                    self._thread = threading.Thread(target=self._run, args=(self._stop,), name="sqlite-checkpoint", daemon=True)
+                    self._thread.start()
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread (a later commit starts a new one)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            conn = _open(self._path, 0)
+        except sqlite3.Error:
+            log.exception("checkpointer: cannot open %s; commits checkpoint themselves", self._path)
+            return
+        try:
+            while not stop.is_set():
+                self._wake.wait()
+                if stop.is_set():
+                    return
+                self._wake.clear()
+                started = time.monotonic()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    log.exception("checkpointer: checkpoint of %s failed; retrying after the next commit", self._path)
+                # commits in the meantime only set the event
+                stop.wait(max(0.0, _CHECKPOINT_INTERVAL_S - (time.monotonic() - started)))
+        finally:
+            conn.close()
 
 
 class _Connection:

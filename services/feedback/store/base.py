@@ -130,6 +130,9 @@ class Dialect(Protocol):
     # (statement, args) selecting (feedback_id, seq, content_hash) of these ids in project, probing the
     # unique (project, feedback_id) index once per id whatever the table's statistics say
     def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]: ...
+    # (statement, args) selecting (task_id, annotator_id, answered) of the leases of these
+    # (task_id, annotator_id) pairs, one probe of the leases primary key per pair
+    def find_leases(self, pairs: list[tuple[str, str]]) -> tuple[str, tuple]: ...
     # insert rows into `table` (keyed by `seq`) as one statement batch; returns their seqs in row order
     def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]: ...
 
@@ -438,14 +441,12 @@ class SqlStore:
         """
         wanted = set(pairs)
         answered: dict[tuple[str, str], int] = {}
-        task_ids = sorted({task_id for task_id, _ in wanted})
-        for start in range(0, len(task_ids), _IN_CHUNK):
-            chunk = task_ids[start : start + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            cur.execute(self._q(f"SELECT task_id, annotator_id, answered FROM leases WHERE task_id IN ({marks})"), chunk)
+        ordered = sorted(wanted)
+        for start in range(0, len(ordered), _IN_CHUNK):
+            # the leases of these pairs only (one index probe per pair), not every lease of their tasks
+            cur.execute(*self._d.find_leases(ordered[start : start + _IN_CHUNK]))
             for task_id, annotator_id, done in cur.fetchall():
-                if (task_id, annotator_id) in wanted:
-                    answered[(task_id, annotator_id)] = int(done)
+                answered[(task_id, annotator_id)] = int(done)
         new = sorted(pair for pair in wanted if pair not in answered)
         leased = sorted(pair for pair in wanted if answered.get(pair) == 0)
         if new:

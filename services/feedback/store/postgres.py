@@ -77,6 +77,15 @@ class PostgresDialect:
             (list(ids), project),
         )
 
+    def find_leases(self, pairs: list[tuple[str, str]]) -> tuple[str, tuple]:
+        # as in find_feedback_ids: one probe of the (task_id, annotator_id) primary key per pair
+        return (
+            "SELECT l.task_id, l.annotator_id, l.answered FROM unnest(%s::text[], %s::text[]) AS k(task_id, annotator_id)"
+            " CROSS JOIN LATERAL (SELECT task_id, annotator_id, answered FROM leases"
+            " WHERE task_id = k.task_id AND annotator_id = k.annotator_id LIMIT 1) AS l",
+            ([t for t, _ in pairs], [a for _, a in pairs]),
+        )
+
     def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]:
         """executemany the INSERT (pipelined by psycopg: one round trip, not one per row); seqs in row order."""
         cur.executemany(statement + " RETURNING seq", rows, returning=True)

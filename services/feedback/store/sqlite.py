@@ -59,6 +59,16 @@ class SqliteDialect:
             (project, *ids),
         )
 
+    def find_leases(self, pairs: list[tuple[str, str]]) -> tuple[str, tuple]:
+        # a join with the pairs as a VALUES list: SQLite probes the primary key once per pair
+        # (`(task_id, annotator_id) IN (VALUES ...)` would scan the whole table)
+        values = ", ".join(["(?, ?)"] * len(pairs))
+        return (
+            f"SELECT l.task_id, l.annotator_id, l.answered FROM (VALUES {values}) AS k"
+            " JOIN leases l ON l.task_id = k.column1 AND l.annotator_id = k.column2",
+            tuple(x for pair in pairs for x in pair),
+        )
+
     def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]:
         """executemany the INSERT; the new rows' seqs in row order.
 

@@ -162,3 +162,29 @@ def test_postgres_duplicate_lookup_probes_the_unique_index_before_any_analyze():
     finally:
         store.close()
         drop_postgres_schema(schema)
+
+
+def test_the_lease_lookup_probes_an_index_per_pair(store):
+    """A group's lease lookup reads the leases of its (task, annotator) pairs only, one probe
+    of an index on both columns per pair, not every lease of the group's tasks."""
+    store.add_tasks([make_task("t1", wanted=100)])
+    for i in range(50):
+        store.write_batch([preference(f"r{i}", annotator=f"a{i}")])
+    pairs = [("t1", "a7"), ("t1", "nobody")]
+    statement, args = store._d.find_leases(pairs)
+    conn = store._conn()
+    try:
+        cur = conn.cursor()
+        if store._d.name == "sqlite":
+            cur.execute("EXPLAIN QUERY PLAN " + statement, args)
+            plan = " ".join(str(row[-1]) for row in cur.fetchall())
+            assert "SEARCH l USING" in plan and "SCAN l" not in plan, plan
+        else:
+            cur.execute("EXPLAIN " + statement, args)
+            plan = "\n".join(row[0] for row in cur.fetchall())
+            assert "Seq Scan" not in plan, plan
+            assert "(task_id = k.task_id)" in plan and "(annotator_id = k.annotator_id)" in plan and "Index Cond" in plan, plan
+        cur.execute(statement, args)
+        assert [tuple(row[:2]) for row in cur.fetchall()] == [("t1", "a7")]
+    finally:
+        conn.rollback()

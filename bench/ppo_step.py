@@ -128,6 +128,7 @@ class HitlRun:
             minibatch_size=samples, ppo_epochs=1, policy_lr=setup.lr, critic_lr=setup.lr,
             kl_coef=0.04, kl_estimator="k3" if estimator == "grpo" else "k1",
             kl_in="loss" if estimator == "grpo" else "reward", max_prompt_tokens=512, seed=0,
+            chat_template=False,  # the prompts are chat-formatted already, as TRL gets them
         )
         critic = None
         if cfg.uses_critic:

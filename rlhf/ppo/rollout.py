@@ -92,6 +92,18 @@ class Generation:
         return self.sequences[:, self.prompt_length :]
 
 
+def rollout_texts(tokenizer, prompts: list[str], chat_template: bool) -> list[str]:
+    """What the policy continues: each prompt as a user turn in the tokenizer's chat template
+    with the assistant's turn opened (when ``chat_template`` and the tokenizer has one), or
+    the prompt as it is."""
+    if not chat_template or not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device: torch.device | str = "cpu"):
     """Left-padded (input_ids, attention_mask), each (B, P); long prompts keep their last tokens."""
     tokenizer.padding_side = "left"

@@ -44,6 +44,7 @@ from rlhf.ppo.rollout import (
     response_logits,
     response_logprobs,
     sample_seed,
+    rollout_texts,
     tokenize_prompts,
 )
 
@@ -349,7 +350,7 @@ class PPOTrainer:
     def _generate(self, prompts: list[str], indices: list[int]) -> Generation:
         module = self.policy_engine.module
         policy = module.policy if self.critic_is_head else module
-        ids, attn = tokenize_prompts(self.tokenizer, prompts, self.cfg.max_prompt_tokens, self.dist.device)
+        ids, attn = tokenize_prompts(self.tokenizer, rollout_texts(self.tokenizer, prompts, self.cfg.chat_template), self.cfg.max_prompt_tokens, self.dist.device)
         # under ZeRO-3 the weights are partitioned and cannot be merged in place
         merge = merged_lora(policy) if self.ds_cfg.zero_stage < 3 else nullcontext()
         with merge:

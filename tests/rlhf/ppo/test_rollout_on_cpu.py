@@ -13,6 +13,7 @@ from rlhf.ppo.rollout import (
     merged_lora,
     response_logprobs,
     response_mask,
+    rollout_texts,
     sample_uniforms,
     tokenize_prompts,
 )
@@ -136,3 +137,11 @@ def test_grouped_hidden_states_equal_plain(tiny):
     m = gen.action_mask.bool()
     torch.testing.assert_close(hg[m], hp[m], atol=1e-5, rtol=0)
     torch.testing.assert_close(lg[m], lp[m], atol=1e-5, rtol=0)
+
+
+def test_rollout_prompts_are_user_turns_of_the_chat_template(tiny):
+    _, tok = tiny
+    [text] = rollout_texts(tok, ["Tell me a joke."], chat_template=True)
+    assert text == tok.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], tokenize=False, add_generation_prompt=True)
+    assert text != "Tell me a joke." and text.index("Tell me a joke.") > 0
+    assert rollout_texts(tok, ["Tell me a joke."], chat_template=False) == ["Tell me a joke."]

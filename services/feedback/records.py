@@ -185,7 +185,7 @@ def plain_fields(record: pb.FeedbackRecord, limits: Limits, size: int) -> tuple[
     prompt_id, guidelines = record.prompt_id, record.guidelines_version
     if "\x00" in "".join((feedback_id, project, task_id, annotator_id, prompt_id, guidelines)):
         return None
-    if size > id_limit:
+    if size > id_limit and max(map(len, (feedback_id, project, task_id, annotator_id, prompt_id, guidelines))) * 4 > id_limit:
         for value in (feedback_id, project, task_id, annotator_id, prompt_id, guidelines):
             if len(value) * 4 > id_limit and _nbytes(value) > id_limit:
                 return None
@@ -193,14 +193,13 @@ def plain_fields(record: pb.FeedbackRecord, limits: Limits, size: int) -> tuple[
         return None
     if feedback_id.isspace() or project.isspace() or task_id.isspace() or annotator_id.isspace():
         return None
-    if record.HasField("confidence"):
-        c = record.confidence
-        if not 0.0 <= c <= 1.0:  # False for NaN as well; an infinity lies outside the range
-            return None
-    if record.HasField("lead_time_seconds"):
-        t = record.lead_time_seconds
-        if not (t >= 0.0 and t != math.inf):  # False for NaN
-            return None
+    # optional fields read as 0.0 when unset, a valid value of both: no HasField needed
+    c = record.confidence
+    if not 0.0 <= c <= 1.0:  # False for NaN as well; an infinity lies outside the range
+        return None
+    t = record.lead_time_seconds
+    if not (t >= 0.0 and t != math.inf):  # False for NaN
+        return None
     metadata = record.metadata
     if metadata:
         if len(metadata) > limits.max_metadata_entries:

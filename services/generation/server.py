@@ -7,11 +7,13 @@
 [1] Serve runs `replicas` copies of `GenerationServer`; concurrent requests to
     one replica are batched by `serve.batch` (up to `max_batch_size`, waiting
     at most `batch_wait_timeout_s`).
-[2] Weights: the trainer side publishes (version, ObjectRef of tensors) to the
-    named `WeightBroadcaster` actor. Every replica long-polls it, fetches the
-    tensors from the object store and swaps them in under its batch lock, then
-    reports the version back; `publish_weights` returns once every replica
-    serves the new version. Under LoRA only adapter tensors travel.
+[2] Weights: the trainer side packs the tensors into one buffer plus an index
+    (`packing.py`) and publishes (version, packed) to the named
+    `WeightBroadcaster` actor: an ObjectRef, or the packed tensors themselves
+    when they are small. Every replica long-polls it, fetches the buffer and
+    swaps the tensors in under its batch lock; its next poll reports the
+    version it serves, and `publish_weights` returns once every replica serves
+    the new version. Under LoRA only adapter tensors travel.
 [3] Atomicity: one asyncio lock covers each batch and each swap, so every
     answer is written by exactly the version it reports in `policy_version`.
 """
@@ -32,11 +34,18 @@ from rlhf.models import LoraConfig, ModelConfig
 from rlhf.threads import set_torch_threads
 from services.generation.config import GenerationConfig
 from services.generation.engine import GenerateRequest, GenerateResult, PolicyEngine, StaleWeights, WeightUpdate
+from services.generation.packing import PackedTensors, pack_tensors, unpack_tensors
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "hitl-generation"
 BROADCASTER_NAME = "hitl-weight-broadcaster"
+INLINE_BYTES = 64 * 1024
+"""Packed updates up to this size travel inside the broadcaster's calls (Ray inlines small
+arguments and results) instead of through the object store: no store round trips."""
+APPLY_ON_LOOP_BYTES = 4 * 2**20
+"""Updates up to this size are copied in on the replica's event loop (a few ms at most)
+instead of a worker thread: a thread hand-off costs more than the copy."""
 
 
 # -- weight broadcast ([2]) ---------------------------------------------------------
@@ -44,27 +53,34 @@ BROADCASTER_NAME = "hitl-weight-broadcaster"
 
 @ray.remote(num_cpus=0)
 class WeightBroadcaster:
-    """Holds the newest published weights; replicas long-poll it."""
+    """Holds the newest published weights; replicas long-poll it and report the version they serve."""
 
     def __init__(self) -> None:
         self._version = 0
-        self._ref: "list[Any] | None" = None  # [ObjectRef]: wrapped so Ray does not resolve it
+        # [ObjectRef] (wrapped so Ray does not resolve it) or the PackedTensors themselves
+        self._payload: "list[Any] | PackedTensors | None" = None
         self._adapters_only = False
         self._changed = asyncio.Event()
         self._applied: dict[str, int] = {}
         self._applied_changed = asyncio.Condition()
 
-    async def publish(self, version: int, wrapped_ref: list, adapters_only: bool, replicas: int = 0, timeout_s: float = 300.0) -> int:
+    async def publish(self, version: int, payload: Any, adapters_only: bool, replicas: int = 0, timeout_s: float = 300.0) -> int:
         """Make `version` the newest; with `replicas`, wait until that many serve it (returns how many do)."""
         if version <= self._version:
             raise StaleWeights(f"version {version} is not newer than {self._version}")
-        self._version, self._ref, self._adapters_only = version, wrapped_ref, adapters_only
+        self._version, self._payload, self._adapters_only = version, payload, adapters_only
         self._changed.set()
         self._changed = asyncio.Event()
         return await self.wait_applied(version, replicas, timeout_s) if replicas else 0
 
-    async def wait_newer(self, version: int, timeout_s: float) -> tuple[int, list | None, bool]:
-        """The newest (version, [ref], adapters_only) once it is newer than `version`."""
+    async def wait_newer(self, version: int, timeout_s: float, replica: str | None = None) -> tuple[int, Any, bool]:
+        """The newest (version, payload, adapters_only) once it is newer than `version`.
+
+        With `replica`, first records that this replica serves `version`: the report of one
+        update and the poll for the next are one call.
+        """
+        if replica is not None:
+            await self.applied(replica, version)
         if self._version <= version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
@@ -72,7 +88,7 @@ class WeightBroadcaster:
                 pass
         if self._version <= version:
             return version, None, False
-        return self._version, self._ref, self._adapters_only
+        return self._version, self._payload, self._adapters_only
 
     async def applied(self, replica: str, version: int) -> None:
         self._applied[replica] = version
@@ -85,6 +101,8 @@ class WeightBroadcaster:
         def count() -> int:
             return sum(1 for v in self._applied.values() if v >= version)
 
+        if count() >= replicas:
+            return count()
         async with self._applied_changed:
             try:
                 await asyncio.wait_for(self._applied_changed.wait_for(lambda: count() >= replicas), timeout_s)
@@ -148,6 +166,7 @@ class GenerationServer:
         self._replica = uuid.uuid4().hex[:8]
         self._requests = 0
         self._batches = 0
+        self._broadcaster_namespace = broadcaster_namespace
         self._broadcaster = get_broadcaster(broadcaster_namespace)
         self._poller = asyncio.get_running_loop().create_task(self._follow_weights())
 
@@ -186,23 +205,32 @@ class GenerationServer:
             return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
 
     async def _follow_weights(self) -> None:
-        await self._broadcaster.applied.remote(self._replica, self.engine.version)
         while True:
             try:
-                version, wrapped, adapters_only = await self._broadcaster.wait_newer.remote(self.engine.version, 30.0)
-                if wrapped is None:
+                # reports the version served and waits for a newer one, in one call
+                version, payload, adapters_only = await self._broadcaster.wait_newer.remote(self.engine.version, 30.0, self._replica)
+                if payload is None:
                     continue
-                tensors = await wrapped[0]
+                packed = await payload[0] if isinstance(payload, list) else payload
                 async with self._lock:
-                    await asyncio.to_thread(self.engine.load_weights, WeightUpdate(version, tensors, adapters_only))
-                await self._broadcaster.applied.remote(self._replica, version)
+                    if packed.nbytes <= APPLY_ON_LOOP_BYTES:
+                        self._apply(version, packed, adapters_only)
+                    else:
+                        await asyncio.to_thread(self._apply, version, packed, adapters_only)
+                del payload, packed  # let go of the object-store buffer now, not at the next update
             except asyncio.CancelledError:
                 raise
             except StaleWeights:
                 continue
-            except Exception:  # noqa: BLE001 - keep serving the old version; try again
+            except Exception as e:  # noqa: BLE001 - keep serving the old version; try again
                 log.exception("weight update failed on replica %s", self._replica)
                 await asyncio.sleep(1.0)
+                if isinstance(e, ray.exceptions.RayActorError):  # the broadcaster was killed: follow its successor
+                    self._broadcaster = get_broadcaster(self._broadcaster_namespace)
+
+    def _apply(self, version: int, packed: PackedTensors, adapters_only: bool) -> int:
+        """Unpack (checks the index against the buffer) and load (checks names and shapes), then copy."""
+        return self.engine.load_weights(WeightUpdate(version, unpack_tensors(packed), adapters_only))
 
     def __del__(self) -> None:
         poller = getattr(self, "_poller", None)
@@ -285,20 +313,36 @@ def build_app(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: Generati
     )
 
 
+_publish_handle: "tuple[tuple[str, str], Any] | None" = None  # ((job, node), broadcaster handle)
+
+
+def _publisher(fresh: bool = False):
+    """The broadcaster's handle, kept per driver and cluster: a named-actor lookup is a call to the GCS."""
+    global _publish_handle
+    context = ray.get_runtime_context()
+    key = (context.get_job_id(), context.get_node_id())
+    if fresh or _publish_handle is None or _publish_handle[0] != key:
+        _publish_handle = (key, get_broadcaster())
+    return _publish_handle[1]
+
+
 def start_generation_server(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, http: bool = True):
     """Deploy the server on the connected Ray cluster; returns its DeploymentHandle."""
     if http:
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    get_broadcaster()
+    _publisher(fresh=True)  # creates the broadcaster (or finds it) before the replicas look for it
     return serve.run(build_app(model_cfg, lora_cfg, cfg), name=APP_NAME, route_prefix=cfg.route_prefix if http else None)
 
 
 def publish_weights(version: int, tensors: dict, adapters_only: bool, replicas: int, timeout_s: float = 300.0) -> float:
     """Send new weights to every replica; returns the seconds until all of them serve `version`."""
     started = time.perf_counter()
-    broadcaster = get_broadcaster()
-    ref = ray.put(tensors)
-    done = ray.get(broadcaster.publish.remote(version, [ref], adapters_only, replicas, timeout_s))
+    packed = pack_tensors(tensors)
+    payload = packed if packed.nbytes + 64 * len(packed.index) <= INLINE_BYTES else [ray.put(packed)]
+    try:
+        done = ray.get(_publisher().publish.remote(version, payload, adapters_only, replicas, timeout_s))
+    except ray.exceptions.ActorDiedError:  # a cached handle of a broadcaster since killed: look it up again
+        done = ray.get(_publisher(fresh=True).publish.remote(version, payload, adapters_only, replicas, timeout_s))
     if done < replicas:
         raise TimeoutError(f"only {done} of {replicas} replicas took weights version {version} within {timeout_s:g}s")
     return time.perf_counter() - started

@@ -98,3 +98,51 @@ def test_weight_updates_are_atomic_under_concurrent_requests(gen_server):
     for r in results:
         assert r.texts == expected[r.policy_version], f"version {r.policy_version} answered with another version's text"
     assert results[-1].policy_version == start + 2
+
+
+def _perturbed_with_answer(seed, scale, version):
+    from services.generation.engine import WeightUpdate
+
+    probe = PolicyEngine(MODEL, LORA)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in probe.weights().items()}
+    probe.load_weights(WeightUpdate(version, tensors, adapters_only=True))
+    return tensors, probe.generate([PROMPT], SamplingDefaults())[0].texts
+
+
+def _replica_versions(gen_server):
+    return {s["replica"]: s["policy_version"] for s in (gen_server.stats.remote().result() for _ in range(8))}
+
+
+def test_large_updates_travel_through_the_object_store(gen_server, monkeypatch):
+    """Above INLINE_BYTES the packed tensors go by ObjectRef; both replicas apply them exactly."""
+    import ray
+
+    from services.generation import server
+
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(server, "INLINE_BYTES", 0)
+    monkeypatch.setattr(server.ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
+    version = gen_server.policy_version.remote().result() + 1
+    tensors, expected = _perturbed_with_answer(11, 2.0, version)
+    server.publish_weights(version, tensors, adapters_only=True, replicas=2, timeout_s=120)
+    assert len(puts) == 1 and isinstance(puts[0], server.PackedTensors)
+    assert set(_replica_versions(gen_server).values()) == {version}
+    for _ in range(4):
+        result = gen_server.generate.remote(PROMPT).result()
+        assert result.policy_version == version and result.texts == expected
+
+
+def test_publish_follows_a_broadcaster_that_was_replaced(gen_server):
+    """The publisher's cached handle and the replicas' handle both find the broadcaster's successor."""
+    import ray
+
+    from services.generation.server import get_broadcaster, publish_weights
+
+    version = gen_server.policy_version.remote().result() + 1
+    tensors, expected = _perturbed_with_answer(12, 2.0, version)
+    ray.kill(get_broadcaster())
+    publish_weights(version, tensors, adapters_only=True, replicas=2, timeout_s=120)
+    assert set(_replica_versions(gen_server).values()) == {version}
+    assert gen_server.generate.remote(PROMPT).result().texts == expected

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # the WAL far below this; it is the backstop should that thread fall behind.
 _BACKSTOP_CHECKPOINT_PAGES = 8192
 _CHECKPOINT_INTERVAL_S = 0.25  # the least time between two background checkpoints
+_CHECKPOINT_PASSES = 4  # passes of one checkpoint at most, while commits keep adding frames
 
 
 class SqliteDialect:
@@ -159,7 +160,16 @@ class _Checkpointer:
                 self._wake.clear()
                 started = time.monotonic()
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    # A pass copies the frames that were in the WAL when it began; those committed
+                    # meanwhile wait for the next pass, and SQLite starts the WAL over (at the next
+                    # write) only once every frame has been copied. So short passes follow a long
+                    # one, until a pass finds no frame it had not seen.
+                    seen = -1
+                    for _ in range(_CHECKPOINT_PASSES):
+                        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if frames == seen or stop.is_set():
+                            break
+                        seen = frames
                 except sqlite3.Error:
                     log.exception("checkpointer: checkpoint of %s failed; retrying after the next commit", self._path)
                 # commits in the meantime only set the event

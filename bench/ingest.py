@@ -1,7 +1,7 @@
 """Ingest benchmark of the feedback service: records/s and ack latency.
 
     . .venv/bin/activate
-    python bench/ingest.py --quick          # about 1.5 minutes; the last line is JSON
+    python bench/ingest.py --quick          # under 2 minutes; the last line is JSON
     python bench/ingest.py                  # the full run (longer runs per configuration)
     python bench/ingest.py --stores sqlite  # without PostgreSQL
 
@@ -19,7 +19,7 @@ What it measures, in one run and on the same records:
   `open_store(url).write_batch(chunk)` in a loop, no gRPC;
 * paced runs of 8 streaming clients on SQLite at half the peak rate (each at
   half of the rate measured just before it); the median of their per-round
-  p99 ack latencies is the latency target.
+  p99 ack latencies is held to the latency target.
 
 Records are realistic: half corrections with about 1 KB of corrected text,
 half preferences with about 1 KB of notes in their metadata, all judging tasks
@@ -44,7 +44,8 @@ is printed next to it. Compare ratios from one run, not absolute numbers
 across runs.
 
 Targets (8 streaming clients on SQLite): at least 20x the naive server, at
-least 0.5x the raw ceiling, p99 ack latency under 50 ms at half the peak load.
+least 0.5x the raw ceiling, p99 ack latency under 50 ms at half the peak load
+(the median of the rounds' p99s).
 """
 
 from __future__ import annotations

@@ -300,8 +300,12 @@ class SqlStore:
                     append(Outcome(Status.REJECTED, 0, rejection))
                     continue
                 fields = (record.project, record.feedback_id, record.WhichOneof("judgement"), record.task_id, record.annotator_id)
-            # the content hash is records.content_hash(record), without serialising twice
-            append((*fields, _sha256(blob).digest(), blob, record))
+            # The content hash is records.content_hash(record), without serialising twice. Both
+            # go to the database as bytearrays: Python's sqlite3 binds str, int, float and
+            # bytearray directly but looks for an adapter for every bytes parameter (a raised
+            # and cleared AttributeError each time), which made up half of the insert's
+            # binding cost.
+            append((*fields, bytearray(_sha256(blob).digest()), bytearray(blob), record))
         return items
 
     def write_prepared(self, items: Sequence[Prepared]) -> list[Outcome]:

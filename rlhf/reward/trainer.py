@@ -129,13 +129,15 @@ def fit(model: RewardModel, split: PairSplit) -> RewardTrainingReport:
         epochs_run=0, best_epoch=0, stopped_early=False,
     )
     best_loss, best_state, stale = float("inf"), _snapshot(model), 0
+    best_accuracy = float("nan")
     for epoch in range(1, cfg.max_epochs + 1):
         report.train_loss.append(_train_epoch(model, split.train, optimizer, generator))
-        val_loss = evaluate_pairs(model, split.validation).loss
-        report.validation_loss.append(val_loss)
+        val = evaluate_pairs(model, split.validation)
+        report.validation_loss.append(val.loss)
         report.epochs_run = epoch
-        if val_loss < best_loss - cfg.min_delta:
-            best_loss, best_state, stale, report.best_epoch = val_loss, _snapshot(model), 0, epoch
+        if val.loss < best_loss - cfg.min_delta:
+            best_loss, best_state, stale, report.best_epoch = val.loss, _snapshot(model), 0, epoch
+            best_accuracy = val.accuracy  # of exactly the weights kept: no second pass needed
         else:
             stale += 1
         if stale >= cfg.patience:
@@ -144,8 +146,8 @@ def fit(model: RewardModel, split: PairSplit) -> RewardTrainingReport:
     model.load_state_dict(best_state, strict=False)
     model.eval()
     if cfg.center_scores:
-        report.offset = _centre(model, split.train)
-    report.validation_accuracy = evaluate_pairs(model, split.validation).accuracy
+        report.offset = _centre(model, split.train)  # a shift of every score: accuracy unchanged
+    report.validation_accuracy = best_accuracy if report.best_epoch else evaluate_pairs(model, split.validation).accuracy
     return report
 
 

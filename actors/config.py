@@ -110,6 +110,9 @@ class CoordinatorConfig(BaseModel):
     """Longest wait for that feedback; the round goes on with what arrived (at least one record)."""
     ppo_iterations_per_round: int = Field(4, ge=0)
     """PPO iterations after each reward-model update."""
+    ppo_min_reward_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    """A round runs its PPO iterations only when the reward model's held-out pair accuracy is
+    at least this (0: always). Keeps the policy still while the reward model is at chance."""
     eval_prompts: int = Field(16, ge=1)
     """Held-out prompts scored each round (win rate against the initial policy)."""
     eval_max_new_tokens: int = Field(48, ge=1)

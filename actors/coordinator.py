@@ -24,6 +24,7 @@ import shutil
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class RunState:
     initial_eval_answers: list[str] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
     reward_model: dict = field(default_factory=dict)  # the reward model's lineage (actors.lineage.next_reward_model)
+    reward_accuracy: float | None = None  # the reward model's last held-out accuracy (gates PPO)
 
 
 class Progress:
@@ -119,6 +121,8 @@ class Coordinator:
     def run(self) -> list[RoundReport]:
         self._prepare_run_dir()
         self._start()
+        self.identity = self._run_identity()
+        self.state.watermark = self.identity["start_watermark"]
         try:
             if self.resume:
                 self._restore()
@@ -168,6 +172,19 @@ class Coordinator:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+
+    def _run_identity(self) -> dict:
+        """The run's id (a prefix of its task ids, so runs sharing a store never collide) and
+        the store's watermark when it began (feedback older than the run is not its own);
+        kept in run.json so a resumed run keeps both."""
+        path = self.run_dir / "run.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        # a run directory from before run.json existed keeps its original task ids
+        identity = ({"run_id": "", "start_watermark": 0} if self.resume
+                    else {"run_id": uuid.uuid4().hex[:8] + "-", "start_watermark": self.store.watermark()})
+        path.write_text(json.dumps(identity) + "\n")
+        return identity
 
     def _start(self) -> None:
         import ray
@@ -270,7 +287,7 @@ class Coordinator:
         if "skipped" not in rm_report:
             self.state.reward_model = next_reward_model(self.state.reward_model, r, curated.items, self._reward_model_config())
         sft_report = stage("sft", self.sft, curated.demonstrations)
-        ppo = stage("ppo", self.ppo_iterations, r)
+        ppo = stage("ppo", self.ppo_iterations, r, rm_report)
         stage("push_weights", self.push_weights)
         lineage = self._write_lineage(r, parent_version, records, curated, rm_report, sft_report, ppo)
         served_at = self._first_answer_at(self.state.policy_version)
@@ -314,7 +331,7 @@ class Coordinator:
         results = self._generate(requests)
         tasks = []
         for i, (prompt, res) in enumerate(zip(prompts, results)):
-            task_id = f"r{r}-t{i}"
+            task_id = f"{self.identity['run_id']}r{r}-t{i}"
             tasks.append(Task(
                 task_id=task_id, project=self.cfg.feedback.project, prompt_id=_prompt_id(prompt), prompt=prompt,
                 candidates=tuple(pb.Candidate(candidate_id=f"{task_id}-{j}", text=t if t.strip() else "(no answer)",
@@ -389,8 +406,17 @@ class Coordinator:
             return {"skipped": "no usable records"}
         return ray.get(self.reward_model.train.remote(items))
 
-    def ppo_iterations(self, r: int) -> list[dict[str, float]]:
+    def ppo_iterations(self, r: int, rm_report: dict | None = None) -> list[dict[str, float]]:
+        """The round's PPO iterations; none while the reward model's held-out accuracy is under
+        ``coordinator.ppo_min_reward_accuracy`` (a reward model no better than chance would
+        only move the policy at random)."""
         c, p = self.cfg.coordinator, self.cfg.ppo
+        accuracy = (rm_report or {}).get("validation_accuracy")
+        if accuracy is not None and accuracy == accuracy:  # not nan
+            self.state.reward_accuracy = accuracy
+        if c.ppo_min_reward_accuracy > 0 and (self.state.reward_accuracy is None or self.state.reward_accuracy < c.ppo_min_reward_accuracy):
+            self.progress.update(ppo="skipped (reward model accuracy)")
+            return []
         metrics = []
         for it in range(c.ppo_iterations_per_round):
             k = (r * c.ppo_iterations_per_round + it) * p.rollout_batch_size
@@ -465,7 +491,7 @@ class Coordinator:
             log.info("restored %s: next round %d, watermark %d", ckpt, self.state.next_round, self.state.watermark)
         else:  # nothing checkpointed yet: start over, keeping the initial answers
             initial = self.state.initial_eval_answers
-            self.state = RunState(initial_eval_answers=initial)
+            self.state = RunState(initial_eval_answers=initial, watermark=self.identity["start_watermark"])
             self.curation_memory = CurationMemory(self.cfg.curation)
             if not initial:
                 self._initial_eval()

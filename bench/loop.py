@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("curate", "reward_model", "ppo", "push_weights")
+STAGES = ("curate", "reward_model", "sft", "ppo", "push_weights")
 
 
 def run_config(model: str, tmp: Path, rounds: int, quick: bool):

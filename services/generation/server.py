@@ -331,7 +331,11 @@ def start_generation_server(model_cfg: ModelConfig, lora_cfg: LoraConfig | None,
     if http:
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     _publisher(fresh=True)  # creates the broadcaster (or finds it) before the replicas look for it
-    return serve.run(build_app(model_cfg, lora_cfg, cfg), name=APP_NAME, route_prefix=cfg.route_prefix if http else None)
+    # replicas look the broadcaster up in this driver's namespace: Serve may have been started
+    # by another job (an earlier run on a long-lived cluster), whose namespace is not ours
+    namespace = ray.get_runtime_context().namespace
+    return serve.run(build_app(model_cfg, lora_cfg, cfg, broadcaster_namespace=namespace), name=APP_NAME,
+                     route_prefix=cfg.route_prefix if http else None)
 
 
 def publish_weights(version: int, tensors: dict, adapters_only: bool, replicas: int, timeout_s: float = 300.0) -> float:

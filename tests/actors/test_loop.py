@@ -55,6 +55,14 @@ def test_rounds_run_checkpoint_and_resume(ray_session, tmp_path):
     rounds = json.loads((run_dir / "report.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
 
+    # a new run on the same store: task ids of its own, none of the earlier run's feedback
+    other_cfg = RunConfig.model_validate({**cfg.model_dump(), "coordinator": {**cfg.coordinator.model_dump(), "rounds": 1,
+                                                                              "run_dir": str(tmp_path / "other")}})
+    other = Coordinator(other_cfg).run()
+    assert other[0].watermark_from == more[0].watermark_to
+    first_ids = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert json.loads((tmp_path / "other" / "run.json").read_text())["run_id"] != first_ids
+
 
 @pytest.mark.slow
 def test_a_lost_trainer_worker_restarts_the_round_from_the_checkpoint(ray_session, tmp_path):
@@ -65,11 +73,11 @@ def test_a_lost_trainer_worker_restarts_the_round_from_the_checkpoint(ray_sessio
     class KillsAWorker(Coordinator):
         killed = False
 
-        def ppo_iterations(self, r):
+        def ppo_iterations(self, r, rm_report=None):
             if r == 1 and not self.killed:
                 KillsAWorker.killed = True
                 ray.kill(self.trainers.workers[1])  # a trainer process dies mid-round
-            return super().ppo_iterations(r)
+            return super().ppo_iterations(r, rm_report)
 
     cfg = tiny_run_config(tmp_path, rounds=2)
     reports = KillsAWorker(cfg).run()

@@ -31,9 +31,10 @@ def _editing_coordinator():
         def wait_for_feedback(self) -> list:
             super().wait_for_feedback()
             r = self.state.next_round
-            fix = [(f"r{r}-t{i}", f"A short and clear answer, number {i}.") for i in range(3)]
+            run = self.identity["run_id"]  # task ids are the run's: <run id>r<round>-t<i>
+            fix = [(f"{run}r{r}-t{i}", f"A short and clear answer, number {i}.") for i in range(3)]
             if r == 2:
-                fix.append(("r0-t0", "A short and clear answer, number 0."))
+                fix.append((f"{run}r0-t0", "A short and clear answer, number 0."))
             records = [pb.FeedbackRecord(feedback_id=f"edit-r{r}-{j}", project=self.cfg.feedback.project, task_id=task,
                                          annotator_id="editor", correction=pb.Correction(candidate_id=f"{task}-0", corrected_text=text))
                        for j, (task, text) in enumerate(fix)]

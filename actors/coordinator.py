@@ -35,7 +35,7 @@ from actors.curation import curate
 from actors.curation_memory import CurationMemory
 from actors.lineage import next_reward_model, policy_lineage, republished_lineage, write_lineage
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.judges import Judge, win_rate
+from rlhf.judges import Judge, shown_text, win_rate
 from rlhf.prompts import load_prompts, split_prompts
 from services.feedback.records import Task
 
@@ -334,7 +334,7 @@ class Coordinator:
             task_id = f"{self.identity['run_id']}r{r}-t{i}"
             tasks.append(Task(
                 task_id=task_id, project=self.cfg.feedback.project, prompt_id=_prompt_id(prompt), prompt=prompt,
-                candidates=tuple(pb.Candidate(candidate_id=f"{task_id}-{j}", text=t if t.strip() else "(no answer)",
+                candidates=tuple(pb.Candidate(candidate_id=f"{task_id}-{j}", text=shown_text(t),
                                               policy_version=res.policy_version) for j, t in enumerate(res.texts)),
                 annotations_wanted=c.annotations_per_task,
             ))

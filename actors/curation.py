@@ -29,6 +29,7 @@ from actors.curation_config import CurationConfig
 from actors.curation_memory import CurationMemory
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.dedup import Fingerprint, normalise
+from rlhf.judges import answer_text
 from rlhf.preferences import Choice, PreferencePair, Ranking
 from rlhf.sft.data import Demonstration
 from services.feedback.records import StoredRecord, Task
@@ -208,7 +209,7 @@ def _fingerprint(item: PreferencePair | Ranking, memory: CurationMemory) -> Fing
 
 def _item(r: pb.FeedbackRecord, task: Task, memory: CurationMemory) -> tuple[PreferencePair | Ranking | None, str]:
     """The record's item with the task's texts, or (None, why it is dropped)."""
-    text = {c.candidate_id: c.text for c in task.candidates}
+    text = {c.candidate_id: answer_text(c.text) for c in task.candidates}  # what the policy wrote
     weight = _confidence(r)
     prompt_flag = memory.flag_on(r.task_id)
     if prompt_flag:

@@ -33,6 +33,10 @@ NEGATIVE = frozenset(
     "wrong fail failure painful unpleasant disappointing sorry problem problems hard difficult "
     "unfortunately never nothing dull gloomy miserable".split()
 )
+NO_ANSWER = "(no answer)"
+"""How an empty answer is shown in a labeling task (a candidate's text may not be empty):
+judges score it as the empty answer it stands for, and training uses the empty text."""
+
 _WORD = re.compile(r"[a-z']+")
 _SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?]+|\n|$)")
 
@@ -48,6 +52,16 @@ class JudgeConfig(BaseModel):
     """``format`` only: a regular expression (multiline) that good answers match."""
     tie_margin: float = Field(0.0, ge=0.0)
     """Score differences at or below this are ties."""
+
+
+def answer_text(shown: str) -> str:
+    """The answer a task's candidate text stands for: empty for the ``NO_ANSWER`` placeholder."""
+    return "" if shown.strip() == NO_ANSWER else shown
+
+
+def shown_text(answer: str) -> str:
+    """How an answer is shown in a labeling task: ``NO_ANSWER`` for an empty one."""
+    return answer if answer.strip() else NO_ANSWER
 
 
 def words(text: str) -> list[str]:
@@ -71,7 +85,7 @@ class Judge:
     cfg: JudgeConfig
 
     def score(self, prompt: str, response: str) -> float:
-        return _SCORERS[self.cfg.rule](self.cfg, response)
+        return _SCORERS[self.cfg.rule](self.cfg, answer_text(response))
 
     def compare(self, prompt: str, a: str, b: str) -> Literal["a", "b", "tie"]:
         """Which answer the rule prefers."""

@@ -187,3 +187,15 @@ def test_config_errors_name_the_dotted_field(section, field, message):
         parse_config(section, RunConfig)
     (issue,) = err.value.issues
     assert issue.field == field and message in issue.message
+
+
+def test_an_empty_answer_shown_as_the_placeholder_trains_as_the_empty_text():
+    from rlhf.judges import NO_ANSWER, Judge, JudgeConfig
+
+    empty = task("t0", "Say something about parks.", LONG_B, NO_ANSWER)
+    rec = Records()
+    rec.prefer("t0")  # the annotator preferred the real answer over the empty one
+    out = curate(rec.items, lookup(empty), cfg=CurationConfig(), memory=CurationMemory(CurationConfig()))
+    [pair] = out.items
+    assert (pair.response_a, pair.response_b) == (LONG_B, "")  # what the policy wrote, not the placeholder
+    assert Judge(JudgeConfig(rule="concise")).compare("", NO_ANSWER, LONG_B) == "b"  # an empty answer is never concise

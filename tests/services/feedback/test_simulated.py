@@ -92,3 +92,13 @@ def test_annotators_send_corrections_of_the_answer_they_prefer(server):
     assert 4 <= len(corrections) <= 16  # about half, drawn
     assert all(c.correction.candidate_id == "x" and c.correction.corrected_text == "First sentence here." for c in corrections)
     assert len({r.feedback_id for r in stored}) == len(stored) == 20 + len(corrections)
+
+
+def test_the_no_answer_placeholder_stands_for_an_empty_answer():
+    from rlhf.judges import NO_ANSWER, answer_text, shown_text
+
+    assert shown_text("") == shown_text("  ") == NO_ANSWER and shown_text("Hi.") == "Hi."
+    assert answer_text(NO_ANSWER) == "" and answer_text("Hi.") == "Hi."
+    for rule in ("concise", "positive", "format"):
+        judge = Judge(JudgeConfig(rule=rule))
+        assert judge.score("", NO_ANSWER) == judge.score("", "")

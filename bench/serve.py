@@ -6,6 +6,9 @@ batched generation on the same model (the ceiling) and one-request-at-a-time gen
     python bench/serve.py                      # SmolLM2-135M, 32 new tokens
     python bench/serve.py --model tiny         # the tiny random model
 
+HITL_BENCH_BATCH_WAIT_S sets the server's batch_wait_timeout_s (default 0.02 s, the
+server's own default) to explore the trade-off between full batches and waiting.
+
 Every request asks for exactly N new tokens (EOS suppressed before N), greedy, so each
 side generates the same token count. Target: the server reaches >= 70% of the ceiling's
 tokens/s at 32 clients. The last line is one JSON object of the headline figures.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import time
 
 import ray
@@ -75,7 +79,7 @@ def main() -> None:
     model = ModelConfig(source=args.model)
     defaults = SamplingDefaults(max_new_tokens=new_tokens, temperature=0.0)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    cfg = GenerationConfig(replicas=1, num_cpus=2, max_batch_size=32, batch_wait_timeout_s=0.02, max_ongoing_requests=64, sampling=defaults)
+    cfg = GenerationConfig(replicas=1, num_cpus=2, max_batch_size=32, batch_wait_timeout_s=float(os.environ.get("HITL_BENCH_BATCH_WAIT_S", "0.02")), max_ongoing_requests=64, sampling=defaults)
     handle = start_generation_server(model, None, cfg, http=False)
     served(handle, requests(4, new_tokens), 4)  # warm-up
     # the references run in this process with the same thread count as the replica, while

@@ -6,8 +6,9 @@ batched generation on the same model (the ceiling) and one-request-at-a-time gen
     python bench/serve.py                      # SmolLM2-135M, 32 new tokens
     python bench/serve.py --model tiny         # the tiny random model
 
-HITL_BENCH_BATCH_WAIT_S sets the server's batch_wait_timeout_s (default 0.02 s, the
-server's own default) to explore the trade-off between full batches and waiting.
+HITL_BENCH_BATCH_WAIT_S and HITL_BENCH_BATCH_IDLE_S set the server's batch_wait_timeout_s
+and batch_idle_s (default: the server's own defaults) to explore the trade-off between full
+batches and waiting. The table shows the mean batch the server formed at each level.
 
 Every request asks for exactly N new tokens (EOS suppressed before N), greedy, so each
 side generates the same token count. Target: the server reaches >= 70% of the ceiling's
@@ -43,9 +44,10 @@ def in_process(engine, reqs, batch: int, defaults) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def served(handle, reqs, clients: int) -> tuple[float, float]:
-    """Generated tokens/s and p50 latency (s) with `clients` concurrent callers."""
+def served(handle, reqs, clients: int) -> tuple[float, float, float]:
+    """Generated tokens/s, p50 latency (s) and the mean batch size with `clients` concurrent callers."""
     latencies: list[float] = []
+    before = handle.stats.remote().result()
 
     def call(r):
         t = time.perf_counter()
@@ -57,8 +59,12 @@ def served(handle, reqs, clients: int) -> tuple[float, float]:
     with cf.ThreadPoolExecutor(clients) as pool:
         tokens = sum(pool.map(call, reqs))
     elapsed = time.perf_counter() - started
+    after = handle.stats.remote().result()
     latencies.sort()
-    return tokens / elapsed, latencies[len(latencies) // 2]
+    mean_batch = (after["requests"] - before["requests"]) / max(1, after["batches"] - before["batches"])
+    closed = {k: after["closed"][k] - before["closed"][k] for k in after["closed"]}
+    print(f"  {clients} clients: batches closed {closed}", flush=True)
+    return tokens / elapsed, latencies[len(latencies) // 2], mean_batch
 
 
 def main() -> None:
@@ -79,7 +85,8 @@ def main() -> None:
     model = ModelConfig(source=args.model)
     defaults = SamplingDefaults(max_new_tokens=new_tokens, temperature=0.0)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    cfg = GenerationConfig(replicas=1, num_cpus=2, max_batch_size=32, batch_wait_timeout_s=float(os.environ.get("HITL_BENCH_BATCH_WAIT_S", "0.02")), max_ongoing_requests=64, sampling=defaults)
+    waits = {k: float(os.environ[v]) for k, v in (("batch_wait_timeout_s", "HITL_BENCH_BATCH_WAIT_S"), ("batch_idle_s", "HITL_BENCH_BATCH_IDLE_S")) if v in os.environ}
+    cfg = GenerationConfig(replicas=1, num_cpus=2, max_batch_size=32, max_ongoing_requests=64, sampling=defaults, **waits)
     handle = start_generation_server(model, None, cfg, http=False)
     served(handle, requests(4, new_tokens), 4)  # warm-up
     # the references run in this process with the same thread count as the replica, while
@@ -92,20 +99,21 @@ def main() -> None:
     naive = in_process(engine, requests(per_level[1] * 2, new_tokens), 1, defaults)
     rows = []
     for clients, n in per_level.items():
-        tps, p50 = served(handle, requests(n, new_tokens), clients)
-        rows.append({"clients": clients, "requests": n, "tokens_per_s": tps, "p50_s": p50})
+        tps, p50, batch = served(handle, requests(n, new_tokens), clients)
+        rows.append({"clients": clients, "requests": n, "tokens_per_s": tps, "p50_s": p50, "mean_batch": batch})
     ceiling = max(ceiling_before, in_process(engine, requests(per_level[32], new_tokens), 32, defaults))
     for r in rows:
         r.update(vs_ceiling=r["tokens_per_s"] / ceiling, vs_naive=r["tokens_per_s"] / naive)
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\nmodel {args.model}, {new_tokens} new tokens per request, greedy\n")
-    print(f"{'serving':<34} {'tokens/s':>10} {'p50 s':>8} {'vs ceiling':>11} {'vs naive':>9}")
-    print(f"{'in-process, batches of 32 (ceiling)':<34} {ceiling:>10.1f} {'':>8} {1.0:>11.2f} {ceiling / naive:>9.2f}")
-    print(f"{'in-process, one at a time (naive)':<34} {naive:>10.1f} {'':>8} {naive / ceiling:>11.2f} {1.0:>9.2f}")
+    print(f"\nmodel {args.model}, {new_tokens} new tokens per request, greedy; server batch wait "
+          f"{cfg.batch_wait_timeout_s:g} s at most, closed after {cfg.batch_idle_s:g} s without arrivals\n")
+    print(f"{'serving':<34} {'tokens/s':>10} {'p50 s':>8} {'mean batch':>11} {'vs ceiling':>11} {'vs naive':>9}")
+    print(f"{'in-process, batches of 32 (ceiling)':<34} {ceiling:>10.1f} {'':>8} {32:>11} {1.0:>11.2f} {ceiling / naive:>9.2f}")
+    print(f"{'in-process, one at a time (naive)':<34} {naive:>10.1f} {'':>8} {1:>11} {naive / ceiling:>11.2f} {1.0:>9.2f}")
     for r in rows:
-        print(f"{'server, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} {r['p50_s']:>8.2f} {r['vs_ceiling']:>11.2f} {r['vs_naive']:>9.2f}")
+        print(f"{'server, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} {r['p50_s']:>8.2f} {r['mean_batch']:>11.1f} {r['vs_ceiling']:>11.2f} {r['vs_naive']:>9.2f}")
     at32 = rows[-1]["vs_ceiling"]
     print(f"\nat 32 clients: {at32:.0%} of the ceiling (target >= 70%)")
     print(json.dumps({

@@ -5,8 +5,9 @@
     curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
 [1] Serve runs `replicas` copies of `GenerationServer`; concurrent requests to
-    one replica are batched by `serve.batch` (up to `max_batch_size`, waiting
-    at most `batch_wait_timeout_s`).
+    one replica are batched by `batching.Batcher` (up to `max_batch_size`; a batch
+    stays open while requests keep arriving less than `batch_idle_s` apart, at most
+    `batch_wait_timeout_s`).
 [2] Weights: the trainer side packs the tensors into one buffer plus an index
     (`packing.py`) and publishes (version, packed) to the named
     `WeightBroadcaster` actor: an ObjectRef, or the packed tensors themselves
@@ -32,6 +33,7 @@ from ray import serve
 
 from rlhf.models import LoraConfig, ModelConfig
 from rlhf.threads import set_torch_threads
+from services.generation.batching import BatchPolicy, Batcher
 from services.generation.config import GenerationConfig
 from services.generation.engine import GenerateRequest, GenerateResult, PolicyEngine, StaleWeights, WeightUpdate
 from services.generation.packing import PackedTensors, pack_tensors, unpack_tensors
@@ -161,11 +163,9 @@ class GenerationServer:
         self.engine = PolicyEngine(ModelConfig(**model_cfg), lora, self.cfg.max_prompt_tokens)
         self.model_name = model_cfg.get("path") or model_cfg.get("source", "policy")
         self._lock = asyncio.Lock()
-        self._batched.set_max_batch_size(self.cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._batcher = Batcher(self._run_batch, BatchPolicy(
+            max_batch_size=self.cfg.max_batch_size, max_wait_s=self.cfg.batch_wait_timeout_s, idle_s=self.cfg.batch_idle_s))
         self._replica = uuid.uuid4().hex[:8]
-        self._requests = 0
-        self._batches = 0
         self._broadcaster_namespace = broadcaster_namespace
         self._broadcaster = get_broadcaster(broadcaster_namespace)
         self._poller = asyncio.get_running_loop().create_task(self._follow_weights())
@@ -174,7 +174,7 @@ class GenerationServer:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Answer one request (batched with concurrent ones)."""
-        return await self._batched(request)
+        return await self._batcher.submit(request)
 
     async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Answer several requests as one batch (same version for all)."""
@@ -189,19 +189,19 @@ class GenerationServer:
         return ray.get_runtime_context().get_node_id()
 
     async def stats(self) -> dict:
-        """This replica's counters: requests and batches served, and its version."""
-        return {"replica": self._replica, "requests": self._requests, "batches": self._batches, "policy_version": self.engine.version}
+        """This replica's counters: requests and batches served (by the batcher), the seconds its
+        batches stayed open in all, and its version."""
+        s = self._batcher.stats
+        return {"replica": self._replica, "requests": s.requests, "batches": s.batches, "batch_wait_s": s.wait_s, "closed": dict(s.closed),
+                "policy_version": self.engine.version}
 
     async def update_weights(self, update: WeightUpdate) -> int:
         """Swap weights on this replica (tests and single-replica use; clusters use the broadcaster)."""
         async with self._lock:
             return await asyncio.to_thread(self.engine.load_weights, update)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _batched(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+    async def _run_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         async with self._lock:  # [3]
-            self._batches += 1
-            self._requests += len(requests)
             return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
 
     async def _follow_weights(self) -> None:
@@ -233,9 +233,9 @@ class GenerationServer:
         return self.engine.load_weights(WeightUpdate(version, unpack_tensors(packed), adapters_only))
 
     def __del__(self) -> None:
-        poller = getattr(self, "_poller", None)
-        if poller is not None:
-            poller.cancel()
+        for task in (getattr(self, "_poller", None), getattr(self, "_batcher", None)):
+            if task is not None:
+                task.cancel() if isinstance(task, asyncio.Task) else task.close()
 
     # -- HTTP (OpenAI-compatible) ---------------------------------------------------
 
@@ -271,7 +271,7 @@ class GenerationServer:
 
     async def _answer(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         if len(requests) == 1:
-            return [await self._batched(requests[0])]
+            return [await self._batcher.submit(requests[0])]
         return await self.generate_many(requests)
 
     def _envelope(self, kind: str, choices: list[dict], results: list[GenerateResult]) -> dict:

@@ -34,7 +34,7 @@ from rlhf.models import (
     position_ids_from_mask,
 )
 from rlhf.reward.config import RewardConfig
-from rlhf.reward.data import TokenBatch, encode
+from rlhf.reward.data import TokenBatch, chat_text, encode
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,24 +91,72 @@ class RewardModel(nn.Module):
         prompts: Sequence[str],
         responses: Sequence[str],
         batch_size: int | None = None,
+        share_prompts: bool = True,
     ) -> torch.Tensor:  # (B,) float32, on the CPU
         """Scores of any number of pairs, in eval mode, ``batch_size`` (default
-        ``cfg.score_batch_size``) at a time; similar lengths are batched together."""
+        ``cfg.score_batch_size``) at a time; similar lengths are batched together.
+
+        With ``share_prompts``, responses to the same prompt (a GRPO group, a preference pair)
+        are scored on one pass of their common tokens: the prompt runs once and its KV cache is
+        repeated for each response. The scores are those of separate sequences (same tokens,
+        same positions), up to float rounding.
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         size = batch_size or self.cfg.score_batch_size
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
         scores = torch.empty(len(prompts), dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, len(order), size):
-                chunk = order[start : start + size]
-                values = self.score_batch([prompts[i] for i in chunk], [responses[i] for i in chunk])
-                scores[chunk] = values.float().cpu()
+            rows = self._token_rows(prompts, responses)
+            groups, alone = _prompt_groups(prompts, rows) if share_prompts else ([], list(range(len(rows))))
+            for chunk in _chunks(groups, size):
+                values = self._score_shared([(rows[g[0]][:shared], [rows[i][shared:] for i in g]) for g, shared in chunk])
+                scores[[i for g, _ in chunk for i in g]] = values.float().cpu()
+            alone.sort(key=lambda i: len(rows[i]))
+            for start in range(0, len(alone), size):
+                chunk = alone[start : start + size]
+                batch = _right_padded([rows[i] for i in chunk], int(self.tokenizer.pad_token_id), self.offset.device)
+                scores[chunk] = self(batch.input_ids, batch.attention_mask).float().cpu()
         finally:
             self.train(was_training)
         return scores
+
+    def _token_rows(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Each pair's chat tokens, unpadded, cut to the last ``max_length`` (as ``encode``)."""
+        texts = [chat_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        return [ids[-self.cfg.max_length :] for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+
+    def _score_shared(self, groups: list[tuple[list[int], list[list[int]]]]) -> torch.Tensor:
+        """Scores of groups of rows that each share a prefix: (prefix, [suffix, ...]) per group,
+        every suffix non-empty. The prefixes run left-padded, once per group; the suffixes run
+        right-padded on the prefixes' KV cache, repeated per row. (B,) in group order."""
+        from transformers import DynamicCache
+
+        device, pad = self.offset.device, int(self.tokenizer.pad_token_id)
+        width = max(len(prefix) for prefix, _ in groups)
+        prefix_ids = torch.full((len(groups), width), pad, dtype=torch.long)
+        prefix_mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for g, (prefix, _) in enumerate(groups):
+            prefix_ids[g, width - len(prefix) :] = torch.tensor(prefix, dtype=torch.long)
+            prefix_mask[g, width - len(prefix) :] = 1
+        suffixes = [suffix for _, group in groups for suffix in group]
+        tail = _right_padded(suffixes, pad, device)
+        owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(group) for _, group in groups]))
+        prefix_ids, prefix_mask, owner = prefix_ids.to(device), prefix_mask.to(device), owner.to(device)
+        cache = self.backbone(
+            input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
+            cache=DynamicCache(), use_cache=True,
+        ).cache
+        cache.batch_select_indices(owner)
+        mask = torch.cat([prefix_mask[owner], tail.attention_mask], dim=1)
+        hidden = self.backbone(
+            input_ids=tail.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, width:],
+            cache=cache, use_cache=True,
+        ).last_hidden_state  # (B, S, H)
+        rows = torch.arange(len(suffixes), device=device)
+        last = hidden[rows, last_token_index(tail.attention_mask)]
+        return self.head(last.unsqueeze(1)).squeeze(1) - self.offset
 
     def save(self, directory: str | Path) -> None:
         """Write a self-contained copy (adapters merged) to ``directory``."""
@@ -126,6 +174,59 @@ class RewardModel(nn.Module):
         }
         save_file(head, str(directory / "head.safetensors"))
         (directory / "reward.json").write_text(self.cfg.model_dump_json(indent=2) + "\n")
+
+
+MIN_SHARED_TOKENS = 8
+"""Rows share their prefix only when it is at least this long (below, the extra pass costs more)."""
+
+
+def _prompt_groups(prompts: Sequence[str], rows: list[list[int]]) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Rows of the same prompt, with the length of their common token prefix (each row keeps at
+    least one token after it); and the rows scored alone (a prompt of one row, or a short
+    common prefix)."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(prompt, []).append(i)
+    groups, alone = [], []
+    for members in by_prompt.values():
+        shared = min(len(rows[i]) for i in members) - 1
+        first = rows[members[0]]
+        for i in members[1:]:
+            row = rows[i]
+            n = 0
+            while n < shared and row[n] == first[n]:
+                n += 1
+            shared = n
+        if len(members) >= 2 and shared >= MIN_SHARED_TOKENS:
+            groups.append((members, shared))
+        else:
+            alone.extend(members)
+    return groups, alone
+
+
+def _chunks(groups: list[tuple[list[int], int]], size: int) -> list[list[tuple[list[int], int]]]:
+    """Groups packed into chunks of at most ``size`` rows (a larger group is split)."""
+    pieces = [(members[k : k + size], shared) for members, shared in groups for k in range(0, len(members), size)]
+    pieces.sort(key=lambda piece: piece[1])  # similar prefix lengths together: less padding
+    chunks: list[list[tuple[list[int], int]]] = []
+    rows = size
+    for piece in pieces:
+        if rows + len(piece[0]) > size:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(piece)
+        rows += len(piece[0])
+    return chunks
+
+
+def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> TokenBatch:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return TokenBatch(input_ids.to(device), attention_mask.to(device))
 
 
 def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig) -> RewardModel:

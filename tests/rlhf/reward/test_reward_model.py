@@ -46,6 +46,43 @@ def test_score_does_not_depend_on_batch_neighbours_or_padding(tiny_cfg: ModelCon
     assert len(set(together.tolist())) == 3  # the scores do read the input
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_scoring_equals_scoring_each_pair_alone(tiny_cfg: ModelConfig, lora: bool) -> None:
+    torch.manual_seed(0)
+    cfg = FAST.model_copy(update={"lora": LoraConfig(enabled=True) if lora else None,
+                                  "score_batch_size": 5, "max_length": 40})
+    model = build_reward_model(cfg, tiny_cfg)
+    with torch.no_grad():  # adapters that change the output (B starts at zero)
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    long_prompt = "tell me about rivers and mountains " * 6  # longer than max_length: rows are cut on the left
+    prompts = (["what is rain?"] * 4 + ["hi"] + [long_prompt] * 3 + ["name a fruit please"] * 7
+               + ["same answers"] * 2)
+    responses = ["wet", "water from clouds falling down", "", "rain is water"] + ["hello"] + [
+        "rivers flow", "mountains rise high above the plains", "x"] + [f"fruit {i} " * i for i in range(7)] + [
+        "identical", "identical"]
+    shared = model.score(prompts, responses)
+    alone = torch.stack([model.score([p], [r], share_prompts=False)[0] for p, r in zip(prompts, responses)])
+    plain = model.score(prompts, responses, share_prompts=False)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(plain, alone, atol=1e-5, rtol=1e-4)
+    assert shared.std() > 0  # the scores differ: equality is not trivial
+
+
+def test_prompt_groups_share_only_common_tokens_and_keep_a_suffix() -> None:
+    from rlhf.reward.model import MIN_SHARED_TOKENS, _chunks, _prompt_groups
+
+    base = list(range(100, 100 + MIN_SHARED_TOKENS + 2))
+    rows = [base + [1, 2], base + [1, 3], base[:-1], list(range(20)), base + [9], list(range(30))]
+    prompts = ["a", "a", "a", "b", "c", "c"]
+    groups, alone = _prompt_groups(prompts, rows)
+    # group "a": the shortest row keeps one token after the shared prefix
+    assert groups == [([0, 1, 2], len(base) - 2)]
+    assert sorted(alone) == [3, 4, 5]  # "b" is alone; "c" shares no prefix
+    assert _chunks([([0, 1, 2, 3, 4], 10), ([5, 6], 12)], 3) == [[([0, 1, 2], 10)], [([3, 4], 10)], [([5, 6], 12)]]
+
+
 def test_lora_reward_model_trains_head_and_adapters_only(tiny_cfg: ModelConfig) -> None:
     model = build_reward_model(FAST.model_copy(update={"lora": LoraConfig(enabled=True)}), tiny_cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

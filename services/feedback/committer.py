@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from typing import Sequence
 
 from hitl.feedback.v1 import feedback_pb2 as pb
@@ -30,7 +31,11 @@ from services.feedback.store import FeedbackStore, Outcome, Status
 _INDEX = re.compile(r"\[[^\]]*\]")
 _judgement = operator.methodcaller("WhichOneof", "judgement")
 _status_name = operator.attrgetter("status._name_")  # the member's name; a plain attribute, unlike Enum.name
+_status = operator.itemgetter(0)  # Outcome.status
 _rejection = operator.attrgetter("rejection")
+_row_kind = operator.itemgetter(2)  # the kind of a prepared row (see store.prepare)
+_records_of = operator.attrgetter("records")
+_prepared_of = operator.attrgetter("prepared")
 
 
 class Overloaded(RuntimeError):
@@ -72,6 +77,7 @@ class GroupCommitter:
         self._closed = False
         self._loop_task: asyncio.Task | None = None
         self._last_commit_s = 0.005
+        self._accepted_counters: dict[str, object] = {}  # kind -> its records{result="accepted"} child
 
     @property
     def pending(self) -> int:
@@ -89,21 +95,34 @@ class GroupCommitter:
         if self._closed:
             raise CommitterClosed("the service is shutting down")
         n = len(records)
-        if self._pending + n > self._max_pending and self._pending > 0:
+        if not self.has_room(n):
             if not wait:
                 raise Overloaded(self._pending, self.retry_after_s())
             async with self._space:
-                await self._space.wait_for(lambda: self._closed or self._pending + n <= self._max_pending or self._pending == 0)
-            if self._closed:
-                raise CommitterClosed("the service is shutting down")
+                await self._space.wait_for(lambda: self._closed or self.has_room(n))
+        return await self.enqueue(records)
+
+    def has_room(self, n: int) -> bool:
+        """Whether n more records may be queued now (always, when nothing is pending)."""
+        return self._pending + n <= self._max_pending or self._pending == 0
+
+    def enqueue(self, records: Sequence[pb.FeedbackRecord]) -> asyncio.Future:
+        """Queue records for the next group at once, room or not; the future gets their outcomes once durable.
+
+        `submit` without the wait: the caller checks `has_room` first (a stream
+        does, and falls back to `submit` when there is none). Raises
+        CommitterClosed when shutting down.
+        """
+        if self._closed:
+            raise CommitterClosed("the service is shutting down")
         # Validation, serialisation and hashing need no database: they run here, on the
         # event loop, while the writer thread is busy with the previous group's
         # transaction, and the writer only runs the SQL.
         prepared = self._store.prepare(records)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending += n
+        self._pending += len(records)
         self._queue.put_nowait(_Request(records, prepared, future))
-        return await future
+        return future
 
     def retry_after_s(self) -> float:
         """A wait after which the current backlog has likely been written."""
@@ -141,8 +160,8 @@ class GroupCommitter:
         if len(group) == 1:
             records, prepared = group[0].records, group[0].prepared
         else:
-            records = [r for req in group for r in req.records]
-            prepared = [item for req in group for item in req.prepared]
+            records = list(chain.from_iterable(map(_records_of, group)))
+            prepared = list(chain.from_iterable(map(_prepared_of, group)))
         started = time.perf_counter()
         try:
             outcomes = await loop.run_in_executor(self._writer, self._store.write_prepared, prepared)
@@ -152,25 +171,40 @@ class GroupCommitter:
                     req.future.set_exception(err)
         else:
             self._last_commit_s = time.perf_counter() - started
-            self._observe(records, outcomes, self._last_commit_s)
-            start = 0
-            for req in group:
-                end = start + len(req.records)
-                if not req.future.done():
-                    req.future.set_result(outcomes[start:end])
-                start = end
+            self._observe(records, outcomes, self._last_commit_s, prepared)
+            if len(group) == 1:
+                if not group[0].future.done():
+                    group[0].future.set_result(outcomes)
+            else:
+                start = 0
+                for req in group:
+                    end = start + len(req.records)
+                    if not req.future.done():
+                        req.future.set_result(outcomes[start:end])
+                    start = end
         finally:
             self._pending -= size
             async with self._space:
                 self._space.notify_all()
 
-    def _observe(self, records: list[pb.FeedbackRecord], outcomes: list[Outcome], seconds: float) -> None:
+    def _observe(self, records: list[pb.FeedbackRecord], outcomes: list[Outcome], seconds: float, prepared: list | None = None) -> None:
+        """Metrics of a committed group; `prepared` (the group's `store.prepare` items) saves reading the records."""
         if self._metrics is None:
             return
         self._metrics.commit_seconds.observe(seconds)
         self._metrics.commit_records.observe(len(records))
         # One counter update per label set of the group, not one per record; the
         # tally runs in C (map/zip/Counter) because it sees every record.
+        if prepared is not None and outcomes and all(map(operator.is_, map(_status, outcomes), repeat(Status.ACCEPTED))):
+            # The common group, all accepted: each prepared item is a row, which holds the
+            # record's kind; no record is read again.
+            counters = self._accepted_counters
+            for kind, n in Counter(map(_row_kind, prepared)).items():
+                counter = counters.get(kind)
+                if counter is None:
+                    counter = counters[kind] = self._metrics.records.labels(kind, Status.ACCEPTED.value, "")
+                counter.inc(n)  # type: ignore[attr-defined]
+            return
         tally = Counter(zip(map(_judgement, records), map(_status_name, outcomes), map(_rejection, outcomes)))
         for (kind, status_name, rejection), n in tally.items():
             reason = ""

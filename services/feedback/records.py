@@ -82,6 +82,11 @@ class Task:
     def candidate_ids(self) -> frozenset[str]:
         return frozenset(c.candidate_id for c in self.candidates)
 
+    @functools.cached_property
+    def record_prompt_ids(self) -> frozenset[str]:
+        """The prompt_id values a record judging this task may carry: the task's own, or none ("")."""
+        return frozenset(("", self.prompt_id))
+
     def to_proto(self) -> pb.LabelingTask:
         """The task as annotators receive it: without its gold answer."""
         return pb.LabelingTask(
@@ -166,9 +171,12 @@ def check_record(record: pb.FeedbackRecord, limits: Limits) -> Rejection | None:
     return _check_record_exactly(record, limits)
 
 
-def plain_fields(record: pb.FeedbackRecord, limits: Limits, size: int) -> tuple[str, str, str, str, str] | None:
-    """(project, feedback_id, kind, task_id, annotator_id) of a record that passes every
-    check of `check_record`, or None.
+def plain_fields(
+    record: pb.FeedbackRecord, limits: Limits, size: int
+) -> tuple[str, str, str, str, str, str, tuple[str, ...]] | None:
+    """(project, feedback_id, kind, task_id, annotator_id, prompt_id, refs) of a record that
+    passes every check of `check_record`, or None; `refs` are the candidate ids the record
+    names (a correction's candidate; a preference's two), for the checks against its task.
 
     `size` is the record's serialised size in bytes (`ByteSize()`, or the length
     of its serialisation at hand): no string field holds more bytes than the
@@ -228,6 +236,7 @@ def plain_fields(record: pb.FeedbackRecord, limits: Limits, size: int) -> tuple[
             note = c.note
             if len(note) * 4 > limits.max_note_bytes and _nbytes(note) > limits.max_note_bytes:
                 return None
+        refs: tuple[str, ...] = (candidate,)
     elif kind == "preference":
         p = record.preference
         a, b = p.candidate_a_id, p.candidate_b_id
@@ -237,9 +246,10 @@ def plain_fields(record: pb.FeedbackRecord, limits: Limits, size: int) -> tuple[
             return None
         if p.choice not in _PLAIN_CHOICES or p.HasField("strength"):
             return None
+        refs = (a, b)
     else:
         return None
-    return project, feedback_id, kind, task_id, annotator_id
+    return project, feedback_id, kind, task_id, annotator_id, prompt_id, refs
 
 
 def _check_record_exactly(record: pb.FeedbackRecord, limits: Limits) -> Rejection | None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Iterable
+from itertools import repeat
+from typing import AsyncIterator, Iterable, Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -32,16 +34,25 @@ _STATUS = {
     Status.REJECTED: pb.RecordResult.STATUS_REJECTED,
 }
 _ACCEPTED = pb.RecordResult.STATUS_ACCEPTED
+_outcome_status = operator.itemgetter(0)
+_outcome_seq = operator.itemgetter(1)
+_feedback_id = operator.attrgetter("feedback_id")
 MAX_TASKS_PER_PULL = 1000
 
 
-def add_results(results, records: Iterable[pb.FeedbackRecord], outcomes: Iterable[Outcome]) -> None:
+def add_results(results, records: Sequence[pb.FeedbackRecord], outcomes: Sequence[Outcome]) -> None:
     """Append one RecordResult per record, in order, to `results` (a response's repeated field).
 
     Built in place (no intermediate messages to copy) and with identity tests
-    on the status: this runs once per record on the event loop.
+    on the status: this runs once per record on the event loop. When every
+    record was accepted (the common batch), ids and seqs are read in C-level
+    passes and the loop only adds.
     """
     add = results.add
+    if all(map(operator.is_, map(_outcome_status, outcomes), repeat(Status.ACCEPTED))):
+        for feedback_id, seq in zip(map(_feedback_id, records), map(_outcome_seq, outcomes)):
+            add(feedback_id=feedback_id, status=_ACCEPTED, seq=seq)
+        return
     for record, outcome in zip(records, outcomes):
         status = outcome.status
         if status is Status.ACCEPTED:
@@ -143,26 +154,32 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         principal = await self._principal(context)
         inflight: asyncio.Queue = asyncio.Queue(maxsize=self._cfg.max_inflight_batches)
         reader = asyncio.create_task(self._read_stream(request_iterator, context, principal, inflight))
+        observe = self._metrics.ack_seconds.labels("StreamFeedback").observe
         try:
             while True:
                 item = await inflight.get()
                 if item is None:
                     break
-                if isinstance(item, tuple) and isinstance(item[0], grpc.StatusCode):
+                if isinstance(item[0], grpc.StatusCode):
                     await context.abort(item[0], item[1])
-                sequence, records, task, started = item
-                outcomes = await task
-                if isinstance(outcomes, tuple):  # an abort raised while committing
-                    await context.abort(*outcomes)
+                sequence, records, pending, started = item
+                try:
+                    outcomes = await pending if records else []
+                except CommitterClosed as err:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+                except Exception as err:  # noqa: BLE001 - a store failure: this batch and those after it are not acked
+                    log.exception("store write failed")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"store write failed: {type(err).__name__}; resend unacked batches")
                 ack = pb.BatchAck(sequence=sequence)
                 add_results(ack.results, records, outcomes)
-                self._metrics.ack_seconds.labels("StreamFeedback").observe(time.perf_counter() - started)
+                observe(time.perf_counter() - started)
                 yield ack
         finally:
             reader.cancel()
 
     async def _read_stream(self, request_iterator, context, principal: Principal, inflight: asyncio.Queue) -> None:
         last: int | None = None
+        committer = self._committer
         try:
             async for batch in request_iterator:
                 started = time.perf_counter()
@@ -180,24 +197,25 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     )
                     return
                 records = list(batch.records)
-                task = asyncio.create_task(self._stream_commit(records))
-                await inflight.put((batch.sequence, records, task, started))
+                pending: asyncio.Future | None = None
+                if records:
+                    # The batch joins the group that is forming now; the ack side awaits its
+                    # outcomes. Without room in the committer, a task waits for it
+                    # (back-pressure: this stream's later batches wait behind it).
+                    if committer.has_room(len(records)):
+                        try:
+                            pending = committer.enqueue(records)
+                        except CommitterClosed as err:
+                            pending = asyncio.get_running_loop().create_future()
+                            pending.set_exception(err)
+                    else:
+                        pending = asyncio.ensure_future(committer.submit(records, wait=True))
+                await inflight.put((batch.sequence, records, pending, started))
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the client went away; the handler ends
             pass
         await inflight.put(None)
-
-    async def _stream_commit(self, records: list[pb.FeedbackRecord]):
-        if not records:
-            return []
-        try:
-            return await self._committer.submit(records, wait=True)
-        except CommitterClosed as err:
-            return (grpc.StatusCode.UNAVAILABLE, str(err))
-        except Exception as err:  # noqa: BLE001
-            log.exception("store write failed")
-            return (grpc.StatusCode.UNAVAILABLE, f"store write failed: {type(err).__name__}; resend unacked batches")
 
     async def PullTasks(self, request: pb.PullTasksRequest, context) -> AsyncIterator[pb.LabelingTask]:
         principal = await self._principal(context)

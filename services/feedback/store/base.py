@@ -17,10 +17,13 @@ Guarantees kept here:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from itertools import repeat
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
@@ -44,8 +47,13 @@ _IN_CHUNK = 500  # ids per IN (...) list
 _sha256 = hashlib.sha256
 
 # One record ready for `SqlStore.write_prepared` (see `SqlStore.prepare`): its Outcome when it was
-# rejected, else (project, feedback_id, kind, task_id, annotator_id, content_hash, blob, record).
+# rejected, else (project, feedback_id, kind, task_id, annotator_id, content_hash, blob, record,
+# prompt_id, refs); the first seven are the row's columns. `refs` are the candidate ids the record
+# names and `prompt_id` its prompt id, read by `plain_fields`, so that the writer checks the record
+# against its task without reading the record again; both are None when prepare did not read them
+# (the writer then runs the full `check_against_task`).
 Prepared = Any
+_ANSWERED_CACHE_PAIRS = 1_000_000  # (task, annotator) pairs known answered, kept in memory at most
 
 
 class StoreError(RuntimeError):
@@ -205,6 +213,7 @@ class SqlStore:
         self._conns_lock = threading.Lock()
         self._task_cache: dict[str, Task] = {}
         self._task_cache_size = task_cache_size
+        self._answered: set[tuple[str, str]] = set()  # pairs a committed write saw answered (see _mark_answered)
         self._migrate()
 
     # -- connections --------------------------------------------------------
@@ -299,13 +308,20 @@ class SqlStore:
                 if rejection is not None:
                     append(Outcome(Status.REJECTED, 0, rejection))
                     continue
-                fields = (record.project, record.feedback_id, record.WhichOneof("judgement"), record.task_id, record.annotator_id)
+                # no prompt_id and candidate ids at hand: the writer runs the full task checks
+                project, feedback_id, kind, task_id, annotator_id, prompt_id, refs = (
+                    record.project, record.feedback_id, record.WhichOneof("judgement"), record.task_id, record.annotator_id, None, None
+                )
+            else:
+                project, feedback_id, kind, task_id, annotator_id, prompt_id, refs = fields
             # The content hash is records.content_hash(record), without serialising twice. Both
             # go to the database as bytearrays: Python's sqlite3 binds str, int, float and
             # bytearray directly but looks for an adapter for every bytes parameter (a raised
             # and cleared AttributeError each time), which made up half of the insert's
             # binding cost.
-            append((*fields, bytearray(_sha256(blob).digest()), bytearray(blob), record))
+            append(
+                (project, feedback_id, kind, task_id, annotator_id, bytearray(_sha256(blob).digest()), bytearray(blob), record, prompt_id, refs)
+            )
         return items
 
     def write_prepared(self, items: Sequence[Prepared]) -> list[Outcome]:
@@ -314,52 +330,83 @@ class SqlStore:
         Inside the write lock every step is one statement batch for the whole
         group, not one round trip per record.
         """
-        outcomes: list[Outcome | None] = [item if type(item) is Outcome else None for item in items]
-        if all(o is not None for o in outcomes):
-            return outcomes  # type: ignore[return-value]  # nothing to write
+        if Outcome in set(map(type, items)):
+            outcomes: list[Outcome | None] = [item if type(item) is Outcome else None for item in items]
+            if all(o is not None for o in outcomes):
+                return outcomes  # type: ignore[return-value]  # nothing to write
+        else:
+            outcomes = [None] * len(items)  # every item is a row (the common group)
         conn = self._conn()
         self._d.begin_write(conn)
         try:
-            self._write_locked(conn, items, outcomes)
+            answered = self._write_locked(conn, items, outcomes)
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
         self._d.committed(conn)
-        return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
+        if answered:
+            self._remember_answered(answered)
+        if None in outcomes:  # cannot happen: every row is stored, a duplicate or rejected
+            return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
+        return outcomes  # type: ignore[return-value]
 
-    def _write_locked(self, conn: Any, items: Sequence[Prepared], outcomes: list[Outcome | None]) -> None:
+    def _write_locked(self, conn: Any, items: Sequence[Prepared], outcomes: list[Outcome | None]) -> set[tuple[str, str]]:
+        """The writes of `write_prepared`; fills `outcomes` where it holds None, and returns the
+        (task, annotator) pairs that are answered once the transaction commits.
+
+        A group usually has no duplicate (stored before or within the group) and no record that
+        fails its task's checks: `_fits_tasks` finds that out with C-level passes over the rows
+        (map, itemgetter, all), and the group is then inserted as it is. Otherwise the records are
+        taken one by one, and the full checks name what is wrong with each rejected record.
+        """
         cur = conn.cursor()
         pending = [i for i, o in enumerate(outcomes) if o is None]
-        existing = self._existing(cur, [items[i][:2] for i in pending])
-        tasks = self._tasks(cur, {items[i][3] for i in pending})
-        task_of = tasks.get
+        rows = items if len(pending) == len(items) else [items[i] for i in pending]
+        keys = list(map(_KEY, rows))  # (project, feedback_id)
+        existing = self._existing(cur, keys)
+        tasks = self._tasks(cur, set(map(_TASK_ID, rows)))
         now = time.time()
-        to_insert: list[int] = []
-        in_batch: dict[tuple[str, str], int] = {}
         copies: list[int] = []  # in-batch duplicates of a record inserted here
-        for i in pending:
-            item = items[i]
-            key = item[:2]  # (project, feedback_id)
-            if key in existing:
-                seq, digest = existing[key]
-                outcomes[i] = self._resend(seq, digest, item[5])
-                continue
-            if key in in_batch:
-                if items[in_batch[key]][5] == item[5]:
-                    copies.append(i)
-                else:
-                    outcomes[i] = Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
-                continue
-            rejection = check_against_task(item[7], task_of(item[3]), item[2])
-            if rejection is not None:
-                outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
-                continue
-            in_batch[key] = i
-            to_insert.append(i)
-        if not to_insert:
-            return
-        inserted = [items[i] for i in to_insert]
+        in_batch: dict[tuple[str, str], int] = {}
+        if not existing and len(set(keys)) == len(keys) and _fits_tasks(rows, tasks):
+            to_insert, inserted = pending, rows
+        else:
+            to_insert = []
+            task_of = tasks.get
+            for i in pending:
+                item = items[i]
+                key = item[:2]  # (project, feedback_id)
+                if key in existing:
+                    seq, digest = existing[key]
+                    outcomes[i] = self._resend(seq, digest, item[5])
+                    continue
+                if key in in_batch:
+                    if items[in_batch[key]][5] == item[5]:
+                        copies.append(i)
+                    else:
+                        outcomes[i] = Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
+                    continue
+                task = task_of(item[3])
+                refs = item[9]
+                # As in _fits_tasks, from the fields prepare() read; anything else goes through
+                # the full checks, which alone reject and name the field.
+                if (
+                    refs is None
+                    or task is None
+                    or task.project != item[0]
+                    or item[8] not in task.record_prompt_ids
+                    or not task.candidate_ids.issuperset(refs)
+                ):
+                    rejection = check_against_task(item[7], task, item[2])
+                    if rejection is not None:
+                        outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
+                        continue
+                in_batch[key] = i
+                to_insert.append(i)
+            if not to_insert:
+                return set()
+            inserted = [items[i] for i in to_insert]
         seqs = self._d.insert_returning(
             cur,
             "feedback",
@@ -367,16 +414,19 @@ class SqlStore:
                 "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             ),
-            [(*item[:7], now) for item in inserted],
+            list(map(operator.add, map(_COLUMNS, inserted), repeat((now,)))),
         )
-        accepted = Status.ACCEPTED
-        for i, seq in zip(to_insert, seqs):
-            outcomes[i] = Outcome(accepted, seq)
-        # in-batch duplicates point at the stored copy
-        for i in copies:
-            outcomes[i] = Outcome(Status.DUPLICATE, outcomes[in_batch[items[i][:2]]].seq)  # type: ignore[union-attr]
-        self._count(cur, [(item[0], item[2], item[4]) for item in inserted])
-        self._mark_answered(cur, [(item[3], item[4]) for item in inserted], now)
+        accepted = map(_new_outcome, zip(repeat(Status.ACCEPTED), seqs, repeat(None)))
+        if len(to_insert) == len(outcomes):
+            outcomes[:] = accepted
+        else:
+            for i, outcome in zip(to_insert, accepted):
+                outcomes[i] = outcome
+            # in-batch duplicates point at the stored copy
+            for i in copies:
+                outcomes[i] = Outcome(Status.DUPLICATE, outcomes[in_batch[items[i][:2]]].seq)  # type: ignore[union-attr]
+        self._count(cur, list(map(_COUNT_KEY, inserted)))
+        return self._mark_answered(cur, list(map(_PAIR, inserted)), now)
 
     @staticmethod
     def _resend(seq: int, stored: bytes, digest: bytes) -> Outcome:
@@ -397,8 +447,12 @@ class SqlStore:
         return found
 
     def _tasks(self, cur: Any, task_ids: set[str]) -> dict[str, Task]:
-        found = {tid: self._task_cache[tid] for tid in task_ids if tid in self._task_cache}
-        missing = [tid for tid in task_ids if tid not in found]
+        """The known tasks among task_ids, by id (a task never changes once published, so a cached one is current)."""
+        cache = self._task_cache
+        missing = list(task_ids - cache.keys())
+        if not missing:
+            return cache  # holds every one of them (and more)
+        found = {tid: cache[tid] for tid in task_ids if tid in cache}
         for start in range(0, len(missing), _IN_CHUNK):
             chunk = missing[start : start + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
@@ -417,14 +471,13 @@ class SqlStore:
 
     def _cache_task(self, task: Task) -> None:
         if len(self._task_cache) >= self._task_cache_size:
-            self._task_cache.clear()
+            # a new dict, not clear(): `_tasks` may have handed the old one to a writer in progress
+            self._task_cache = {}
         self._task_cache[task.task_id] = task
 
     def _count(self, cur: Any, keys: list[tuple[str, str, str]]) -> None:
         """Add the new records to feedback_counts; keys are (project, kind, annotator_id), one per record."""
-        counts: dict[tuple[str, str, str], int] = defaultdict(int)
-        for key in keys:
-            counts[key] += 1
+        counts = Counter(keys)
         cur.executemany(
             self._q(
                 "INSERT INTO feedback_counts (project, kind, annotator_id, n) VALUES (?, ?, ?, ?)"
@@ -433,7 +486,7 @@ class SqlStore:
             [(*key, n) for key, n in counts.items()],
         )
 
-    def _mark_answered(self, cur: Any, pairs: list[tuple[str, str]], now: float) -> None:
+    def _mark_answered(self, cur: Any, pairs: list[tuple[str, str]], now: float) -> set[tuple[str, str]]:
         """Close the annotator's lease on each judged task; count each annotator once per task.
 
         `pairs` are the (task_id, annotator_id) of the new records. A pair
@@ -442,8 +495,19 @@ class SqlStore:
         reaches annotations_wanted closes. One lookup and three statement
         batches for the whole group, with the same end state as handling the
         records one by one.
+
+        Pairs that an earlier committed write saw answered are skipped without
+        a lookup: a lease's `answered` only ever goes from 0 to 1 and a lease is
+        never deleted, so such a pair has nothing left to do, whoever wrote
+        since (another process included). Returns the pairs that are answered
+        once this transaction commits; `write_prepared` remembers them then.
         """
         wanted = set(pairs)
+        known = self._answered
+        if known:
+            wanted -= known
+        if not wanted:
+            return wanted
         answered: dict[tuple[str, str], int] = {}
         ordered = sorted(wanted)
         for start in range(0, len(ordered), _IN_CHUNK):
@@ -472,6 +536,13 @@ class SqlStore:
                 ),
                 [(n, n, task_id) for task_id, n in sorted(per_task.items())],
             )
+        return wanted
+
+    def _remember_answered(self, pairs: set[tuple[str, str]]) -> None:
+        """After a commit: these (task, annotator) pairs are answered for good (see `_mark_answered`)."""
+        if len(self._answered) + len(pairs) > _ANSWERED_CACHE_PAIRS:
+            self._answered = set()
+        self._answered |= pairs
 
     def read_after(self, watermark: int, limit: int = 1000, projects: Iterable[str] | None = None) -> list[StoredRecord]:
         """Records with seq > watermark in seq order, at most `limit` (an index range scan)."""
@@ -707,6 +778,41 @@ class SqlStore:
             watermark=watermark,
             open_tasks=open_tasks,
         )
+
+
+# C-level accessors of the prepared rows (see `Prepared`) for the passes over a whole group
+_KEY = operator.itemgetter(0, 1)  # (project, feedback_id)
+_TASK_ID = operator.itemgetter(3)
+_COLUMNS = operator.itemgetter(slice(0, 7))  # the row's columns but received_at
+_COUNT_KEY = operator.itemgetter(0, 2, 4)  # (project, kind, annotator_id)
+_PAIR = operator.itemgetter(3, 4)  # (task_id, annotator_id)
+_PROJECT = operator.itemgetter(0)
+_PROMPT_ID = operator.itemgetter(8)
+_REFS = operator.itemgetter(9)
+_TASK_PROJECT = operator.attrgetter("project")
+_TASK_PROMPT_IDS = operator.attrgetter("record_prompt_ids")
+_TASK_CANDIDATES = operator.attrgetter("candidate_ids")
+_new_outcome = functools.partial(tuple.__new__, Outcome)  # Outcome(*args) without its Python-level __new__
+
+
+def _fits_tasks(rows: Sequence[Prepared], tasks: dict[str, Task]) -> bool:
+    """Whether every row passes `check_against_task`, judged from the fields prepare() read.
+
+    True only when each row's task is known, of the row's project, has the row's prompt id
+    (or the row names none) and every candidate the row names; each pass is a C-level loop.
+    False means "not sure": the caller then checks the rows one by one.
+    """
+    refs = list(map(_REFS, rows))
+    if not all(refs):  # None: prepare did not read the row's fields (not a plain record)
+        return False
+    of_rows = list(map(tasks.get, map(_TASK_ID, rows)))
+    if not all(of_rows):  # an unknown task
+        return False
+    return (
+        all(map(operator.eq, map(_TASK_PROJECT, of_rows), map(_PROJECT, rows)))
+        and all(map(operator.contains, map(_TASK_PROMPT_IDS, of_rows), map(_PROMPT_ID, rows)))
+        and all(map(frozenset.issuperset, map(_TASK_CANDIDATES, of_rows), refs))
+    )
 
 
 def _task_blob(task: Task) -> bytes:

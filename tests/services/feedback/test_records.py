@@ -200,7 +200,9 @@ def test_the_fast_path_accepts_only_what_the_exact_checks_accept(limits):
         if fields is not None:
             fast_passes += 1
             assert exact is None, (record, exact)
-            assert fields == (record.project, record.feedback_id, record.WhichOneof("judgement"), record.task_id, record.annotator_id)
+            kind = record.WhichOneof("judgement")
+            refs = (record.correction.candidate_id,) if kind == "correction" else (record.preference.candidate_a_id, record.preference.candidate_b_id)
+            assert fields == (record.project, record.feedback_id, kind, record.task_id, record.annotator_id, record.prompt_id, refs)
         assert check_record(record, limits) == exact
     assert fast_passes > 20  # the fast path is taken for the common records
 

@@ -188,3 +188,84 @@ def test_the_lease_lookup_probes_an_index_per_pair(store):
         assert [tuple(row[:2]) for row in cur.fetchall()] == [("t1", "a7")]
     finally:
         conn.rollback()
+
+
+def test_the_writers_task_check_from_prepared_fields_agrees_with_the_full_check(store):
+    """The writer checks common records against their task with the fields prepare() read; every
+    record it lets through must pass check_against_task, and every one that fails it is rejected
+    with the full check's field and reason."""
+    from services.feedback.records import check_against_task
+
+    store.add_tasks([make_task("t1", n=3), make_task("t2", project="other")])
+    variants = []
+    for a, b in (("c0", "c1"), ("c2", "c0"), ("c0", "c9"), ("c9", "c1"), ("x", "y")):
+        variants.append(pb.FeedbackRecord(project="demo", task_id="t1", annotator_id="a",
+                                          preference=pb.Preference(candidate_a_id=a, candidate_b_id=b, choice=pb.Preference.CHOICE_A)))
+    for cid in ("c0", "c2", "c3", "C0"):
+        variants.append(pb.FeedbackRecord(project="demo", task_id="t1", annotator_id="a",
+                                          correction=pb.Correction(candidate_id=cid, corrected_text="better")))
+    for prompt_id in ("", "p-t1", "p-t2", "p-t1 "):
+        variants.append(pb.FeedbackRecord(project="demo", task_id="t1", annotator_id="a", prompt_id=prompt_id,
+                                          preference=pb.Preference(candidate_a_id="c0", candidate_b_id="c1", choice=pb.Preference.CHOICE_B)))
+    variants.append(pb.FeedbackRecord(project="demo", task_id="t2", annotator_id="a",  # another project's task
+                                      preference=pb.Preference(candidate_a_id="c0", candidate_b_id="c1", choice=pb.Preference.CHOICE_B)))
+    variants.append(pb.FeedbackRecord(project="demo", task_id="t9", annotator_id="a",  # an unknown task
+                                      correction=pb.Correction(candidate_id="c0", corrected_text="better")))
+    for i, record in enumerate(variants):
+        record.feedback_id = f"v{i}"
+    tasks = {t: store.get_task(t) for t in ("t1", "t2", "t9")}
+    tasks = {t: task for t, task in tasks.items() if task is not None}
+    expected = [check_against_task(r, tasks.get(r.task_id)) for r in variants]
+    assert sum(e is None for e in expected) >= 5 and sum(e is not None for e in expected) >= 8
+    # the group-wide check says "all fit" exactly when the full check passes (for one record)
+    from services.feedback.store.base import _fits_tasks
+
+    for record, rejection in zip(variants, expected):
+        assert _fits_tasks(store.prepare([record]), tasks) == (rejection is None), record
+    assert _fits_tasks(store.prepare([r for r, e in zip(variants, expected) if e is None]), tasks)
+    outcomes = store.write_batch(variants)
+    for record, outcome, rejection in zip(variants, outcomes, expected):
+        if rejection is None:
+            assert outcome.status is Status.ACCEPTED, (record, outcome)
+        else:
+            assert outcome.status is Status.REJECTED and outcome.rejection == rejection, (record, outcome)
+
+
+def test_lease_bookkeeping_across_groups_and_stores_matches_one_record_at_a_time(store_url):
+    """Pairs seen answered are not looked up again; the end state is still that of one record at
+    a time, with another store (another process) answering pairs in between, and a failed
+    transaction teaching the store nothing."""
+    first, second = open_store(store_url), open_store(store_url)
+    try:
+        first.add_tasks([make_task("t1", wanted=3), make_task("t2", wanted=2)])
+        first.lease_tasks("demo", "carol", 2, 60)
+        assert first.write_batch([preference("a1", "t1", annotator="alice")])[0].status is Status.ACCEPTED
+        assert first.write_batch([preference("a2", "t1", annotator="alice")])[0].status is Status.ACCEPTED  # known pair
+        second.write_batch([preference("b1", "t1", annotator="bob"), preference("c1", "t2", annotator="carol")])
+        # bob's pair was answered through the other store: this one looks it up and counts it once
+        first.write_batch([preference("b2", "t1", annotator="bob"), preference("a3", "t2", annotator="alice")])
+
+        # a transaction that fails after the bookkeeping leaves no trace, in the database or in memory
+        conn = first._conn()
+        real_commit = conn.commit
+
+        def failing_commit():
+            raise RuntimeError("disk full")
+
+        conn.commit = failing_commit
+        try:
+            with pytest.raises(RuntimeError):
+                first.write_batch([preference("c2", "t1", annotator="carol")])
+        finally:
+            conn.commit = real_commit
+            conn.rollback()
+        assert first.write_batch([preference("c3", "t1", annotator="carol")])[0].status is Status.ACCEPTED
+        first.write_batch([preference("c4", "t1", annotator="carol")])
+
+        tasks = {t: (done, is_open) for t, done, is_open in _rows(first, "SELECT task_id, annotations_done, is_open FROM tasks")}
+        assert tasks == {"t1": (3, 0), "t2": (2, 0)}
+        leases = {(t, a): answered for t, a, answered in _rows(first, "SELECT task_id, annotator_id, answered FROM leases")}
+        assert leases == {("t1", "alice"): 1, ("t1", "bob"): 1, ("t1", "carol"): 1, ("t2", "carol"): 1, ("t2", "alice"): 1}
+    finally:
+        first.close()
+        second.close()

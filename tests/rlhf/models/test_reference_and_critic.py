@@ -57,7 +57,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_cfg: ModelConfig
         assert module is policy  # no second copy
     policy_after = policy(input_ids=ids, attention_mask=mask,
                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    assert torch.allclose(policy_after, policy_logits)  # adapters back on after the block
+    assert torch.allclose(policy_after, policy_logits, atol=1e-5)  # adapters back on after the block (with gradients: rounding may differ)
 
 
 def test_full_finetune_reference_is_a_frozen_copy(tiny_cfg: ModelConfig) -> None:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.annotator_quality import QualityTracker
+from actors.annotator_quality import TRAINED_KINDS, QualityTracker
 from actors.config import RunConfig
 from actors.curation import curate
 from actors.curation_memory import CurationMemory
@@ -42,6 +42,13 @@ from services.feedback.records import Task
 log = logging.getLogger(__name__)
 
 STAGES = ("publish", "feedback", "curate", "reward_model", "sft", "ppo", "push_weights", "evaluate", "checkpoint")
+
+
+def countable_feedback(records: list, paused: frozenset[str]) -> list:
+    """The records that count toward a round's feedback threshold: preferences and rankings
+    (what the reward model trains on) from annotators who are not paused."""
+    return [s for s in records
+            if s.record.WhichOneof("judgement") in TRAINED_KINDS and s.record.annotator_id not in paused]
 
 
 @dataclass
@@ -358,8 +365,11 @@ class Coordinator:
         self._feedback_complete_at = None
         while True:
             records = self.store.read_after(self.state.watermark, limit=100_000, projects=[self.cfg.feedback.project])
-            useful = [s for s in records if s.record.WhichOneof("judgement") in ("preference", "ranking")]
-            self.progress.update(feedback=f"{len(useful)}/{c.min_feedback_per_round}")
+            paused = self._paused_annotators()
+            useful = countable_feedback(records, paused)
+            set_aside = sum(1 for s in records if s.record.annotator_id in paused)
+            self.progress.update(feedback=f"{len(useful)}/{c.min_feedback_per_round}"
+                                 + (f" ({set_aside} from paused annotators set aside)" if set_aside else ""))
             if len(useful) >= c.min_feedback_per_round or (time.monotonic() > deadline and useful):
                 # when the last record the round needed was committed (and so acked)
                 self._feedback_complete_at = useful[min(len(useful), c.min_feedback_per_round) - 1].received_at
@@ -367,6 +377,16 @@ class Coordinator:
             if time.monotonic() > deadline + c.feedback_timeout_s:
                 raise TimeoutError(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
             time.sleep(0.2)
+
+    def _paused_annotators(self) -> frozenset[str]:
+        """The annotators the last assessment paused (kept in the round reports, so a resumed
+        run knows them too): curation sets their judgements aside, so they must not count
+        toward the round's feedback threshold either."""
+        for report in reversed(self.state.reports):
+            paused = (report.get("quality") or {}).get("paused")
+            if paused is not None:
+                return frozenset(paused)
+        return frozenset()
 
     def curate(self, records: list):
         applied = self.quality.assess(records, self.state.next_round)  # weights and paused annotators from all feedback so far

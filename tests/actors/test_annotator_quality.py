@@ -24,6 +24,7 @@ from actors.annotator_quality import (
     rule_gold,
 )
 from actors.config import RunConfig
+from actors.coordinator import countable_feedback
 from actors.curation import curate
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.config import ConfigError, parse_config
@@ -249,6 +250,12 @@ def test_weights_and_pausing_flow_into_curation(tmp_path):
         assert rows["bea"]["gold_accuracy"] == round(11 / 12, 4)
         assert report["overall"]["alpha"]["preference"] < 0.5  # cid disagrees with the others everywhere
         json.dumps(report, allow_nan=False)  # the round report is plain JSON
+
+        # the next round's feedback threshold counts what curation will use: not cid's records
+        counted = countable_feedback(records, frozenset(report["paused"]))
+        assert len(counted) == curated.counts["used/preference"] == 44
+        assert {s.record.annotator_id for s in counted} == {"ann", "bea"}
+        assert len(countable_feedback(records, frozenset())) == 66
     finally:
         store.close()
 

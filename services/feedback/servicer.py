@@ -69,6 +69,12 @@ def add_results(results, records: Sequence[pb.FeedbackRecord], outcomes: Sequenc
             )
 
 
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve a future's outcome, so that an unawaited failure is not logged as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -176,6 +182,11 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 yield ack
         finally:
             reader.cancel()
+            # batches the stream no longer waits for: their failure (if any) needs no report
+            while not inflight.empty():
+                item = inflight.get_nowait()
+                if item is not None and len(item) == 4 and isinstance(item[2], asyncio.Future):
+                    item[2].add_done_callback(_consume)
 
     async def _read_stream(self, request_iterator, context, principal: Principal, inflight: asyncio.Queue) -> None:
         last: int | None = None

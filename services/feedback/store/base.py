@@ -60,6 +60,10 @@ class StoreError(RuntimeError):
     """The store cannot serve the request (schema, connection, corruption)."""
 
 
+class _KeyExists(Exception):
+    """An optimistic insert met a stored (project, feedback_id); see SqlStore._write_locked."""
+
+
 class Status(Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
@@ -143,6 +147,9 @@ class Dialect(Protocol):
     def find_leases(self, pairs: list[tuple[str, str]]) -> tuple[str, tuple]: ...
     # insert rows into `table` (keyed by `seq`) as one statement batch; returns their seqs in row order
     def insert_returning(self, cur: Any, table: str, statement: str, rows: list[tuple]) -> list[int]: ...
+    # None, or: insert_returning, except that a row whose `unique` columns exist is skipped, and then
+    # it returns None (the caller rolls back); see SqlStore._write_locked
+    insert_new: Any
 
 
 def _migrations(d: Dialect) -> dict[int, list[str]]:
@@ -339,7 +346,13 @@ class SqlStore:
         conn = self._conn()
         self._d.begin_write(conn)
         try:
-            answered = self._write_locked(conn, items, outcomes)
+            try:
+                answered = self._write_locked(conn, items, outcomes, optimistic=self._d.insert_new is not None)
+            except _KeyExists:
+                # a record of the group was stored before (a resend): start over, with the lookup
+                conn.rollback()
+                self._d.begin_write(conn)
+                answered = self._write_locked(conn, items, outcomes, optimistic=False)
             conn.commit()
         except BaseException:
             conn.rollback()
@@ -351,7 +364,9 @@ class SqlStore:
             return [o if o is not None else Outcome(Status.REJECTED, rejection=Rejection("", "not processed")) for o in outcomes]
         return outcomes  # type: ignore[return-value]
 
-    def _write_locked(self, conn: Any, items: Sequence[Prepared], outcomes: list[Outcome | None]) -> set[tuple[str, str]]:
+    def _write_locked(
+        self, conn: Any, items: Sequence[Prepared], outcomes: list[Outcome | None], optimistic: bool = False
+    ) -> set[tuple[str, str]]:
         """The writes of `write_prepared`; fills `outcomes` where it holds None, and returns the
         (task, annotator) pairs that are answered once the transaction commits.
 
@@ -359,19 +374,28 @@ class SqlStore:
         fails its task's checks: `_fits_tasks` finds that out with C-level passes over the rows
         (map, itemgetter, all), and the group is then inserted as it is. Otherwise the records are
         taken one by one, and the full checks name what is wrong with each rejected record.
+
+        `optimistic` (where the dialect has `insert_new`): such a group is inserted without
+        looking its ids up first; the insert skips a row whose (project, feedback_id) exists and
+        reports it, and then this raises _KeyExists before touching `outcomes`, for the caller to
+        roll back and start over without `optimistic`. A resend is rare; the lookup, one index
+        probe per record, was paid by every group.
         """
         cur = conn.cursor()
         pending = [i for i, o in enumerate(outcomes) if o is None]
         rows = items if len(pending) == len(items) else [items[i] for i in pending]
         keys = list(map(_KEY, rows))  # (project, feedback_id)
-        existing = self._existing(cur, keys)
+        unique = len(set(keys)) == len(keys)
         tasks = self._tasks(cur, set(map(_TASK_ID, rows)))
+        fit = unique and _fits_tasks(rows, tasks)
+        existing = {} if optimistic and fit else self._existing(cur, keys)
         now = time.time()
         copies: list[int] = []  # in-batch duplicates of a record inserted here
         in_batch: dict[tuple[str, str], int] = {}
-        if not existing and len(set(keys)) == len(keys) and _fits_tasks(rows, tasks):
+        if fit and not existing:
             to_insert, inserted = pending, rows
         else:
+            optimistic = False
             to_insert = []
             task_of = tasks.get
             for i in pending:
@@ -407,15 +431,18 @@ class SqlStore:
             if not to_insert:
                 return set()
             inserted = [items[i] for i in to_insert]
-        seqs = self._d.insert_returning(
-            cur,
-            "feedback",
-            self._q(
-                "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
-            list(map(operator.add, map(_COLUMNS, inserted), repeat((now,)))),
+        statement = self._q(
+            "INSERT INTO feedback (project, feedback_id, kind, task_id, annotator_id, content_hash, record, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
+        insert_rows = list(map(operator.add, map(_COLUMNS, inserted), repeat((now,))))
+        if optimistic:
+            new_seqs = self._d.insert_new(cur, "feedback", statement, insert_rows, "(project, feedback_id)")
+            if new_seqs is None:
+                raise _KeyExists()
+            seqs = new_seqs
+        else:
+            seqs = self._d.insert_returning(cur, "feedback", statement, insert_rows)
         accepted = map(_new_outcome, zip(repeat(Status.ACCEPTED), seqs, repeat(None)))
         if len(to_insert) == len(outcomes):
             outcomes[:] = accepted

@@ -28,6 +28,7 @@ class PostgresDialect:
     seq_column = "BIGSERIAL PRIMARY KEY"
     blob = "BYTEA"
     real = "DOUBLE PRECISION"
+    insert_new = None  # the group's ids are looked up before its insert (RETURNING pairs seqs with rows)
 
     def __init__(self, conninfo: str, schema: str | None):
         self.conninfo = conninfo

@@ -39,7 +39,7 @@ class SqliteDialect:
     def __init__(self, path: Path):
         self.path = path
         self._checkpointer = _Checkpointer(path)
-        self._multi_row: dict[tuple[str, int], str] = {}
+        self._multi_row: dict[tuple[str, int, str], str] = {}
 
     def connect(self) -> sqlite3.Connection:
         return _Connection(_open(self.path, _BACKSTOP_CHECKPOINT_PAGES))
@@ -95,12 +95,30 @@ class SqliteDialect:
         seqs follow from last_insert_rowid(); otherwise they are read back in
         order.
         """
+        seqs = self._insert(cur, table, statement, rows, "")
+        if seqs is None:  # cannot happen: without ON CONFLICT a conflict raises
+            raise RuntimeError(f"insert into {table} skipped rows")
+        return seqs
+
+    def insert_new(self, cur: Any, table: str, statement: str, rows: list[tuple], unique: str) -> list[int] | None:
+        """`insert_returning`, except that a row whose `unique` columns (say "(a, b)") hold a stored
+        key is skipped (ON CONFLICT DO NOTHING), and then this returns None: the caller rolls
+        the transaction back."""
+        return self._insert(cur, table, statement, rows, f" ON CONFLICT {unique} DO NOTHING")
+
+    def _insert(self, cur: Any, table: str, statement: str, rows: list[tuple], on_conflict: str) -> list[int] | None:
         cur.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {table}")
         before = int(cur.fetchone()[0])
         flat = chain.from_iterable
+        inserted = 0
         for start in range(0, len(rows), _INSERT_ROWS):
             chunk = rows[start : start + _INSERT_ROWS]
-            cur.execute(self._rows_statement(statement, len(chunk)), tuple(flat(chunk)))
+            cur.execute(self._rows_statement(statement, len(chunk), on_conflict), tuple(flat(chunk)))
+            inserted += cur.rowcount
+        if inserted != len(rows):
+            if on_conflict:
+                return None
+            raise RuntimeError(f"inserted {inserted} of {len(rows)} rows into {table}")
         cur.execute("SELECT last_insert_rowid()")
         last = int(cur.fetchone()[0])
         if last - before == len(rows):
@@ -111,14 +129,13 @@ class SqliteDialect:
             raise RuntimeError(f"inserted {len(rows)} rows into {table} but found {len(seqs)} new keys")
         return seqs
 
-
-    def _rows_statement(self, statement: str, n: int) -> str:
-        """The single-row INSERT `statement` as one that inserts n rows."""
-        key = (statement, n)
+    def _rows_statement(self, statement: str, n: int, suffix: str = "") -> str:
+        """The single-row INSERT `statement` as one that inserts n rows, followed by `suffix`."""
+        key = (statement, n, suffix)
         text = self._multi_row.get(key)
         if text is None:
             head, values = statement.rsplit(" VALUES ", 1)
-            text = f"{head} VALUES " + ", ".join([values] * n)
+            text = f"{head} VALUES " + ", ".join([values] * n) + suffix
             self._multi_row[key] = text
         return text
 

@@ -269,3 +269,27 @@ def test_lease_bookkeeping_across_groups_and_stores_matches_one_record_at_a_time
     finally:
         first.close()
         second.close()
+
+
+def test_a_group_with_a_resent_record_among_new_ones(store):
+    """SQLite inserts a clean-looking group without looking its ids up first; a record stored
+    before makes it start over with the lookup. Either way: the resend is a duplicate of its
+    stored seq (or rejected when its content differs), the new records are stored once, and
+    the seqs of a group are consecutive."""
+    store.add_tasks([make_task("t1", wanted=100)])
+    first = store.write_batch([preference(f"a{i}", annotator=f"x{i}") for i in range(5)])
+    group = [preference(f"b{i}", annotator=f"y{i}") for i in range(150)]
+    group.insert(120, preference("a3", annotator="x3"))  # resent, same content
+    group.insert(7, preference("a1", annotator="someone else"))  # resent id, other content
+    outcomes = store.write_batch(group)
+    assert outcomes[7].status is Status.REJECTED and outcomes[7].rejection.field == "feedback_id"
+    assert outcomes[121].status is Status.DUPLICATE and outcomes[121].seq == first[3].seq
+    new = [o.seq for i, o in enumerate(outcomes) if i not in (7, 121)]
+    assert all(o.status is Status.ACCEPTED for i, o in enumerate(outcomes) if i not in (7, 121))
+    assert new == list(range(first[-1].seq + 1, first[-1].seq + 151))
+    stored = [(s.seq, s.record.feedback_id) for s in store.read_after(0, limit=1000)]
+    assert len(stored) == 155 and len({fid for _, fid in stored}) == 155
+    # and a group of new records only goes on from there
+    more = store.write_batch([preference(f"c{i}", annotator=f"z{i}") for i in range(3)])
+    assert [o.seq for o in more] == [new[-1] + 1, new[-1] + 2, new[-1] + 3]
+    assert store.stats().by_annotator["y0"] == 1 and store.stats().total_records == 158

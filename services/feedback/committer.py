@@ -86,7 +86,7 @@ class GroupCommitter:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="group-committer")
 
-    async def submit(self, records: Sequence[pb.FeedbackRecord], wait: bool) -> list[Outcome]:
+    async def submit(self, records: Sequence[pb.FeedbackRecord], wait: bool, blobs: Sequence | None = None) -> list[Outcome]:
         """Commit records; returns one outcome per record once they are durable.
 
         With `wait=False` an overloaded committer raises Overloaded at once;
@@ -100,25 +100,26 @@ class GroupCommitter:
                 raise Overloaded(self._pending, self.retry_after_s())
             async with self._space:
                 await self._space.wait_for(lambda: self._closed or self.has_room(n))
-        return await self.enqueue(records)
+        return await self.enqueue(records, blobs)
 
     def has_room(self, n: int) -> bool:
         """Whether n more records may be queued now (always, when nothing is pending)."""
         return self._pending + n <= self._max_pending or self._pending == 0
 
-    def enqueue(self, records: Sequence[pb.FeedbackRecord]) -> asyncio.Future:
+    def enqueue(self, records: Sequence[pb.FeedbackRecord], blobs: Sequence | None = None) -> asyncio.Future:
         """Queue records for the next group at once, room or not; the future gets their outcomes once durable.
 
         `submit` without the wait: the caller checks `has_room` first (a stream
         does, and falls back to `submit` when there is none). Raises
-        CommitterClosed when shutting down.
+        CommitterClosed when shutting down. `blobs`: the records' bytes as they
+        arrived, if at hand (see `store.prepare`).
         """
         if self._closed:
             raise CommitterClosed("the service is shutting down")
         # Validation, serialisation and hashing need no database: they run here, on the
         # event loop, while the writer thread is busy with the previous group's
         # transaction, and the writer only runs the SQL.
-        prepared = self._store.prepare(records)
+        prepared = self._store.prepare(records) if blobs is None else self._store.prepare(records, blobs)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending += len(records)
         self._queue.put_nowait(_Request(records, prepared, future))

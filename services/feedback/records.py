@@ -123,6 +123,68 @@ class StoredRecord:
     received_at: float  # server clock, seconds since the epoch
 
 
+def wire_records(data: bytes, field_number: int) -> list[memoryview] | None:
+    """The serialised bytes of each record in a serialised request, in order, without copying.
+
+    `data` is a serialised message whose records are the repeated message field
+    `field_number` (2 in FeedbackBatch, 1 in SubmitFeedbackRequest). Every
+    occurrence of that field is one element of the repeated field, whatever
+    other fields lie between, so the slices are the records protobuf parsed
+    from `data`, in the same order, and each parses to its record. Returns
+    None when `data` holds something this does not walk (a group, a bad length):
+    the caller serialises the records then.
+    """
+    try:
+        return _wire_records(data, field_number)
+    except IndexError:  # a truncated field: not a message protobuf would have parsed
+        return None
+
+
+def _wire_records(data: bytes, field_number: int) -> list[memoryview] | None:
+    view = memoryview(data)
+    out: list[memoryview] = []
+    append = out.append
+    wanted = (field_number << 3) | 2
+    i, n = 0, len(data)
+    while i < n:
+        key = data[i]
+        i += 1
+        if key >= 0x80:
+            key, i = _varint(data, i, key)
+        wire_type = key & 7
+        if wire_type == 2:
+            size = data[i]
+            i += 1
+            if size >= 0x80:
+                size, i = _varint(data, i, size)
+            if key == wanted:
+                append(view[i : i + size])
+            i += size
+        elif wire_type == 0:
+            while data[i] >= 0x80:
+                i += 1
+            i += 1
+        elif wire_type == 1:
+            i += 8
+        elif wire_type == 5:
+            i += 4
+        else:
+            return None
+    return out if i == n else None
+
+
+def _varint(data: bytes, i: int, first: int) -> tuple[int, int]:
+    """The varint whose first byte (>= 0x80) was `first`, read on from data[i]; (value, next index)."""
+    value, shift = first & 0x7F, 7
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
 def kind_of(record: pb.FeedbackRecord) -> str:
     """The judgement kind ("preference", ...) or "" when none is set."""
     return record.WhichOneof("judgement") or ""

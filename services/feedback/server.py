@@ -23,13 +23,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from hitl.feedback.v1 import feedback_pb2_grpc as pb_grpc
 
 from services.feedback.auth import TokenAuth
 from services.feedback.committer import GroupCommitter
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.metrics import FeedbackMetrics
-from services.feedback.servicer import FeedbackServicer
+from services.feedback.servicer import FeedbackServicer, wire_request_parser
 from services.feedback.store import FeedbackStore, open_store
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ class FeedbackServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_FeedbackServiceServicer_to_server(self._servicer, self._server)
+        _add_servicer(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if self.cfg.reflection:
@@ -141,6 +140,39 @@ class FeedbackServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _add_servicer(servicer: FeedbackServicer, server: grpc.aio.Server) -> None:
+    """`pb_grpc.add_FeedbackServiceServicer_to_server`, except that the two ingest RPCs get
+    requests that keep their bytes (`wire_request_parser`): records are stored as sent,
+    not serialised again."""
+    handlers = {
+        "SubmitFeedback": grpc.unary_unary_rpc_method_handler(
+            servicer.SubmitFeedback,
+            request_deserializer=wire_request_parser(pb.SubmitFeedbackRequest),
+            response_serializer=pb.SubmitFeedbackResponse.SerializeToString,
+        ),
+        "StreamFeedback": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamFeedback,
+            request_deserializer=wire_request_parser(pb.FeedbackBatch),
+            response_serializer=pb.BatchAck.SerializeToString,
+        ),
+        "PullTasks": grpc.unary_stream_rpc_method_handler(
+            servicer.PullTasks,
+            request_deserializer=pb.PullTasksRequest.FromString,
+            response_serializer=pb.LabelingTask.SerializeToString,
+        ),
+        "GetStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStats,
+            request_deserializer=pb.GetStatsRequest.FromString,
+            response_serializer=pb.Stats.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["FeedbackService"]
+    assert set(handlers) == {m.name for m in service.methods}, "every RPC of the service has its handler"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _server_credentials(cfg: FeedbackServiceConfig) -> grpc.ServerCredentials:

@@ -24,6 +24,7 @@ from services.feedback.auth import ANONYMOUS, Principal, TokenAuth
 from services.feedback.committer import CommitterClosed, GroupCommitter, Overloaded
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.metrics import FeedbackMetrics
+from services.feedback.records import wire_records
 from services.feedback.store import FeedbackStore, Outcome, Status
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,41 @@ def add_results(results, records: Sequence[pb.FeedbackRecord], outcomes: Sequenc
                 field=outcome.rejection.field,
                 reason=outcome.rejection.reason,
             )
+
+
+class WireRequest:
+    """A parsed request message (its attributes read through) and the bytes it was parsed from.
+
+    The server's request deserializers for SubmitFeedback and StreamFeedback
+    return these (`wire_request_parser`), so that each record's bytes as sent
+    can be stored without serialising the record again (`records.wire_records`).
+    """
+
+    __slots__ = ("message", "data")
+
+    def __init__(self, message, data: bytes):
+        self.message = message
+        self.data = data
+
+    def __getattr__(self, name: str):
+        return getattr(self.message, name)
+
+
+def wire_request_parser(message_type):
+    """A request deserializer that keeps the request's bytes next to the parsed message."""
+    parse = message_type.FromString
+
+    def deserialize(data: bytes) -> WireRequest:
+        return WireRequest(parse(data), data)
+
+    return deserialize
+
+
+def _blobs(request, field_number: int):
+    """The records' bytes as they arrived, when the request kept them (else None: serialise them)."""
+    if type(request) is not WireRequest:
+        return None
+    return wire_records(request.data, field_number)
 
 
 def _consume(future: asyncio.Future) -> None:
@@ -127,9 +163,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 f"a batch holds {n} records; the limit is {self._cfg.max_batch_records}: split it",
             )
 
-    async def _commit(self, context: grpc.aio.ServicerContext, records, wait: bool) -> list[Outcome]:
+    async def _commit(self, context: grpc.aio.ServicerContext, records, wait: bool, blobs=None) -> list[Outcome]:
         try:
-            return await self._committer.submit(records, wait=wait)
+            return await self._committer.submit(records, wait=wait, blobs=blobs)
         except Overloaded as err:
             context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_s * 1000))),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded ({err}); retry later")
@@ -150,7 +186,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         await self._check_scope(context, principal, {r.project for r in request.records})
         await self._check_batch_size(context, len(request.records))
         records = list(request.records)
-        outcomes = await self._commit(context, records, wait=False) if records else []
+        outcomes = await self._commit(context, records, wait=False, blobs=_blobs(request, 1)) if records else []
         response = pb.SubmitFeedbackResponse()
         add_results(response.results, records, outcomes)
         self._metrics.ack_seconds.labels("SubmitFeedback").observe(time.perf_counter() - started)
@@ -210,17 +246,18 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 records = list(batch.records)
                 pending: asyncio.Future | None = None
                 if records:
+                    blobs = _blobs(batch, 2)
                     # The batch joins the group that is forming now; the ack side awaits its
                     # outcomes. Without room in the committer, a task waits for it
                     # (back-pressure: this stream's later batches wait behind it).
                     if committer.has_room(len(records)):
                         try:
-                            pending = committer.enqueue(records)
+                            pending = committer.enqueue(records, blobs)
                         except CommitterClosed as err:
                             pending = asyncio.get_running_loop().create_future()
                             pending.set_exception(err)
                     else:
-                        pending = asyncio.ensure_future(committer.submit(records, wait=True))
+                        pending = asyncio.ensure_future(committer.submit(records, wait=True, blobs=blobs))
                 await inflight.put((batch.sequence, records, pending, started))
         except asyncio.CancelledError:
             raise

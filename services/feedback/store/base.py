@@ -112,7 +112,7 @@ class FeedbackStore(Protocol):
     url: str
 
     def write_batch(self, records: Sequence[pb.FeedbackRecord]) -> list[Outcome]: ...
-    def prepare(self, records: Iterable[pb.FeedbackRecord]) -> list[Any]: ...
+    def prepare(self, records: Sequence[pb.FeedbackRecord], blobs: Sequence[Any] | None = None) -> list[Any]: ...
     def write_prepared(self, items: Sequence[Any]) -> list[Outcome]: ...
     def read_after(self, watermark: int, limit: int = 1000, projects: Iterable[str] | None = None) -> list[StoredRecord]: ...
     def watermark(self) -> int: ...
@@ -293,7 +293,7 @@ class SqlStore:
         """
         return self.write_prepared(self.prepare(records))
 
-    def prepare(self, records: Iterable[pb.FeedbackRecord]) -> list[Prepared]:
+    def prepare(self, records: Sequence[pb.FeedbackRecord], blobs: Sequence[Any] | None = None) -> list[Prepared]:
         """Validate, serialise and hash records for `write_prepared`; one item per record.
 
         Everything here needs only the records, never the database, so it can
@@ -302,13 +302,21 @@ class SqlStore:
         the writer thread is busy with the previous group's transaction. An
         item is the record's `Outcome` when it was rejected here, else the row
         the store keeps: (project, feedback_id, kind, task_id, annotator_id,
-        content hash, serialised record, the record).
+        content hash, serialised record, the record, ...).
+
+        `blobs`, when given, are the records' serialisations as they arrived
+        (`records.wire_records`, one bytes-like per record, each of which
+        parses to its record): they are stored as they are instead of
+        serialising each record again. They need not be canonical: the
+        content hash is the hash of the stored bytes, and a resend whose hash
+        differs is compared with the stored record itself (`_resend`).
         """
         limits = self.limits
         items: list[Prepared] = []
         append = items.append
-        for record in records:
-            blob = record.SerializeToString(deterministic=True)
+        if blobs is None or len(blobs) != len(records):
+            blobs = [record.SerializeToString(deterministic=True) for record in records]
+        for record, blob in zip(records, blobs):
             fields = plain_fields(record, limits, len(blob))
             if fields is None:
                 rejection = check_record(record, limits)
@@ -403,10 +411,11 @@ class SqlStore:
                 key = item[:2]  # (project, feedback_id)
                 if key in existing:
                     seq, digest = existing[key]
-                    outcomes[i] = self._resend(seq, digest, item[5])
+                    outcomes[i] = self._resend(cur, seq, digest, item)
                     continue
                 if key in in_batch:
-                    if items[in_batch[key]][5] == item[5]:
+                    first = items[in_batch[key]]
+                    if first[5] == item[5] or first[7] == item[7]:  # the same bytes, or the same record
                         copies.append(i)
                     else:
                         outcomes[i] = Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
@@ -455,9 +464,20 @@ class SqlStore:
         self._count(cur, list(map(_COUNT_KEY, inserted)))
         return self._mark_answered(cur, list(map(_PAIR, inserted)), now)
 
-    @staticmethod
-    def _resend(seq: int, stored: bytes, digest: bytes) -> Outcome:
-        if bytes(stored) == digest:
+    def _resend(self, cur: Any, seq: int, stored_digest: bytes, item: Prepared) -> Outcome:
+        """The outcome of a record whose (project, feedback_id) is stored at `seq`: a duplicate
+        when it is the stored record, else rejected.
+
+        Equal hashes mean equal bytes. Different bytes may still be the same record
+        (serialised by another client, map entries in another order, or stored
+        canonically while this one arrived as sent), so the stored record is read and
+        compared field by field; this runs for resends only.
+        """
+        if bytes(stored_digest) == item[5]:
+            return Outcome(Status.DUPLICATE, seq=seq)
+        cur.execute(self._q("SELECT record FROM feedback WHERE seq = ?"), (seq,))
+        row = cur.fetchone()
+        if row is not None and pb.FeedbackRecord.FromString(bytes(row[0])) == item[7]:
             return Outcome(Status.DUPLICATE, seq=seq)
         return Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
 

@@ -213,3 +213,39 @@ def test_common_records_take_the_fast_path():
     good = preference("f1", confidence=0.9, lead_time_seconds=12.0)
     good.metadata["notes"] = "n" * 1024
     assert plain_fields(good, LIMITS, good.ByteSize()) is not None
+
+
+def test_wire_records_are_the_records_protobuf_parsed_from_the_request():
+    """Every occurrence of the records field is one record, whatever lies between; each slice
+    parses to its record; a message this does not walk gives None (the records are serialised
+    then)."""
+    from services.feedback.records import wire_records
+
+    big = preference("big", confidence=0.5)
+    big.metadata["notes"] = "n" * 300  # a record longer than 127 bytes: a two-byte length
+    records = [preference("a"), big, correction("c", "x" * 20_000), preference("d")]
+    request = pb.SubmitFeedbackRequest(records=records)
+    data = request.SerializeToString()
+    slices = wire_records(data, 1)
+    assert [pb.FeedbackRecord.FromString(bytes(s)) for s in slices] == records
+    batch = pb.FeedbackBatch(sequence=300, records=records).SerializeToString()
+    assert [pb.FeedbackRecord.FromString(bytes(s)) for s in wire_records(batch, 2)] == records
+    # other fields (known or not, of every wire type) between and around the records
+    other = (
+        b"\x08\xac\x02"  # field 1, varint 300
+        + b"\x19" + bytes(8)  # field 3, fixed64
+        + b"\x25" + bytes(4)  # field 4, fixed32
+        + b"\x7a\x03abc"  # field 15, bytes
+    )
+    mixed = other + pb.FeedbackBatch(records=records[:2]).SerializeToString() + other + pb.FeedbackBatch(records=records[2:]).SerializeToString()
+    parsed = pb.FeedbackBatch.FromString(mixed)
+    assert list(parsed.records) == records
+    assert [pb.FeedbackRecord.FromString(bytes(s)) for s in wire_records(mixed, 2)] == records
+    assert wire_records(b"", 2) == []
+    assert wire_records(b"\x12\x05ab", 2) is None  # truncated
+    assert wire_records(b"\x0b\x0c", 2) is None  # a group
+
+
+def correction(fid, text):
+    return pb.FeedbackRecord(feedback_id=fid, project="demo", task_id="t1", annotator_id="a",
+                             correction=pb.Correction(candidate_id="c0", corrected_text=text))

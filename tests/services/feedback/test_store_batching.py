@@ -293,3 +293,40 @@ def test_a_group_with_a_resent_record_among_new_ones(store):
     more = store.write_batch([preference(f"c{i}", annotator=f"z{i}") for i in range(3)])
     assert [o.seq for o in more] == [new[-1] + 1, new[-1] + 2, new[-1] + 3]
     assert store.stats().by_annotator["y0"] == 1 and store.stats().total_records == 158
+
+
+def test_records_stored_as_sent_are_recognised_when_resent_in_other_bytes(store):
+    """A record stored from its bytes as sent (not canonical: map entries out of order) is a
+    duplicate when resent in canonical bytes, in a group or within one; another record under
+    its id is rejected; the stored bytes are those sent, and its content hash theirs."""
+    import hashlib
+
+    store.add_tasks([make_task("t1")])
+    record = preference("m1")
+    record.metadata["a"] = "1"
+    record.metadata["b"] = "2"
+    head = pb.FeedbackRecord()
+    head.CopyFrom(record)
+    del head.metadata["a"]
+    sent = head.SerializeToString() + pb.FeedbackRecord(metadata={"a": "1"}).SerializeToString()
+    assert pb.FeedbackRecord.FromString(sent) == record and sent != record.SerializeToString(deterministic=True)
+    parsed = pb.FeedbackRecord.FromString(sent)
+    (stored,) = store.write_prepared(store.prepare([parsed], [memoryview(sent)]))
+    assert stored.status is Status.ACCEPTED
+    assert [(bytes(b), bytes(h)) for b, h in _rows(store, "SELECT record, content_hash FROM feedback")] == [
+        (sent, hashlib.sha256(sent).digest())
+    ]
+    again = store.write_batch([record])  # canonical bytes, another hash
+    assert again[0].status is Status.DUPLICATE and again[0].seq == stored.seq
+    other = preference("m1")
+    other.metadata["a"] = "changed"
+    assert store.write_batch([other])[0].rejection.field == "feedback_id"
+    # within one group: the same record in two byte forms is one record
+    twin = preference("m2")
+    twin.metadata.update({"a": "1", "b": "2"})
+    twin_head = pb.FeedbackRecord()
+    twin_head.CopyFrom(twin)
+    del twin_head.metadata["a"]
+    twin_sent = twin_head.SerializeToString() + pb.FeedbackRecord(metadata={"a": "1"}).SerializeToString()
+    outcomes = store.write_prepared(store.prepare([twin, twin], [twin.SerializeToString(deterministic=True), memoryview(twin_sent)]))
+    assert [o.status for o in outcomes] == [Status.ACCEPTED, Status.DUPLICATE] and outcomes[1].seq == outcomes[0].seq

@@ -233,6 +233,16 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def checkpointing_active(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on and the model is training: a KV cache
+    cannot pass through checkpointed layers, so shared-prompt passes are skipped then."""
+    inner = unwrap_peft(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
+        if hasattr(type(inner), name) or name in vars(inner):
+            return bool(getattr(inner, name)) and model.training
+    return False
+
+
 def backbone_of(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (embeddings, layers, final norm; no LM head), as the
     same module objects, so LoRA adapters and ``disable_adapter()`` act on it too.

@@ -246,9 +246,9 @@ def _shares_prompts(prompt_ids: Tensor, group_size: int) -> bool:
 
 
 def _checkpointing(model) -> bool:
-    from rlhf.models import unwrap_peft
+    from rlhf.models import checkpointing_active
 
-    return bool(getattr(unwrap_peft(model), "is_gradient_checkpointing", False)) and model.training
+    return checkpointing_active(model)
 
 
 def response_logits(

@@ -29,6 +29,7 @@ from rlhf.models import (
     ModelConfig,
     ValueHead,
     apply_lora,
+    checkpointing_active,
     load_backbone,
     load_tokenizer,
     position_ids_from_mask,
@@ -80,10 +81,14 @@ class RewardModel(nn.Module):
         device = self.offset.device
         return TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device))
 
-    def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """Scores (B,) of one batch, with gradients (training)."""
-        batch = self.encode(prompts, responses)
-        return self(batch.input_ids, batch.attention_mask)
+    def score_batch(self, prompts: Sequence[str], responses: Sequence[str], share_prompts: bool = True) -> torch.Tensor:
+        """Scores (B,) of one batch, with gradients (training); responses to the same prompt
+        (the two sides of a preference pair) share one pass of the prompt, as in :meth:`score`
+        (gradients flow through the shared pass)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        share = share_prompts and not checkpointing_active(self.backbone)
+        return self._scores(prompts, self._token_rows(prompts, responses), len(prompts), share)
 
     @torch.no_grad()
     def score(
@@ -103,24 +108,31 @@ class RewardModel(nn.Module):
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        size = batch_size or self.cfg.score_batch_size
-        scores = torch.empty(len(prompts), dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
             rows = self._token_rows(prompts, responses)
-            groups, alone = _prompt_groups(prompts, rows) if share_prompts else ([], list(range(len(rows))))
-            for chunk in _chunks(groups, size):
-                values = self._score_shared([(rows[g[0]][:shared], [rows[i][shared:] for i in g]) for g, shared in chunk])
-                scores[[i for g, _ in chunk for i in g]] = values.float().cpu()
-            alone.sort(key=lambda i: len(rows[i]))
-            for start in range(0, len(alone), size):
-                chunk = alone[start : start + size]
-                batch = _right_padded([rows[i] for i in chunk], int(self.tokenizer.pad_token_id), self.offset.device)
-                scores[chunk] = self(batch.input_ids, batch.attention_mask).float().cpu()
+            return self._scores(prompts, rows, batch_size or self.cfg.score_batch_size, share_prompts).float().cpu()
         finally:
             self.train(was_training)
-        return scores
+
+    def _scores(self, prompts: Sequence[str], rows: list[list[int]], size: int, share: bool) -> torch.Tensor:
+        """(B,) scores of token rows, at most ``size`` rows per forward pass."""
+        groups, alone = _prompt_groups(prompts, rows) if share else ([], list(range(len(rows))))
+        order: list[int] = []
+        values: list[torch.Tensor] = []
+        for chunk in _chunks(groups, size):
+            values.append(self._score_shared([(rows[g[0]][:shared], [rows[i][shared:] for i in g]) for g, shared in chunk]))
+            order.extend(i for g, _ in chunk for i in g)
+        alone.sort(key=lambda i: len(rows[i]))
+        for start in range(0, len(alone), size):
+            chunk = alone[start : start + size]
+            batch = _right_padded([rows[i] for i in chunk], int(self.tokenizer.pad_token_id), self.offset.device)
+            values.append(self(batch.input_ids, batch.attention_mask))
+            order.extend(chunk)
+        where = torch.empty(len(order), dtype=torch.long)
+        where[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return torch.cat(values)[where.to(self.offset.device)]
 
     def _token_rows(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Each pair's chat tokens, unpadded, cut to the last ``max_length`` (as ``encode``)."""

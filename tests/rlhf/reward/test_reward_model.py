@@ -70,6 +70,31 @@ def test_shared_prompt_scoring_equals_scoring_each_pair_alone(tiny_cfg: ModelCon
     assert shared.std() > 0  # the scores differ: equality is not trivial
 
 
+def test_shared_prompt_training_scores_give_the_same_gradients(tiny_cfg: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = build_reward_model(FAST.model_copy(update={"lora": LoraConfig(enabled=True, dropout=0.0)}), tiny_cfg)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    model.train()
+    prompts = ["what is rain?", "name a fruit please", "what is rain?", "name a fruit please", "hi"]
+    responses = ["water from clouds", "apple", "wet", "a ripe banana from the market", "hello"]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        scores = model.score_batch(prompts, responses, share_prompts=share)
+        (scores * weights).sum().backward()
+        grads.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (shared, g_shared), (plain, g_plain) = grads
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+    assert g_shared.keys() == g_plain.keys() and any("lora_A" in n for n in g_shared)
+    for name in g_plain:  # equal up to float rounding, relative to the gradient's scale
+        scale = g_plain[name].abs().max().item()
+        assert (g_shared[name] - g_plain[name]).abs().max().item() <= 1e-5 * scale + 1e-7, name
+
+
 def test_prompt_groups_share_only_common_tokens_and_keep_a_suffix() -> None:
     from rlhf.reward.model import MIN_SHARED_TOKENS, _chunks, _prompt_groups
 

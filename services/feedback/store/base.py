@@ -53,7 +53,7 @@ _sha256 = hashlib.sha256
 # against its task without reading the record again; both are None when prepare did not read them
 # (the writer then runs the full `check_against_task`).
 Prepared = Any
-_ANSWERED_CACHE_PAIRS = 1_000_000  # (task, annotator) pairs known answered, kept in memory at most
+_ANSWERED_CACHE_PAIRS = 100_000  # (task, annotator) pairs known answered, kept in memory at most (~20 MB)
 
 
 class StoreError(RuntimeError):

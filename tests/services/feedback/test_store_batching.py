@@ -330,3 +330,19 @@ def test_records_stored_as_sent_are_recognised_when_resent_in_other_bytes(store)
     twin_sent = twin_head.SerializeToString() + pb.FeedbackRecord(metadata={"a": "1"}).SerializeToString()
     outcomes = store.write_prepared(store.prepare([twin, twin], [twin.SerializeToString(deterministic=True), memoryview(twin_sent)]))
     assert [o.status for o in outcomes] == [Status.ACCEPTED, Status.DUPLICATE] and outcomes[1].seq == outcomes[0].seq
+
+
+def test_the_answered_pairs_kept_in_memory_are_bounded(store, monkeypatch):
+    """Past its bound the memory of answered pairs starts over; pairs it forgot are looked up
+    again, and the counts stay those of one record at a time."""
+    from services.feedback.store import base
+
+    monkeypatch.setattr(base, "_ANSWERED_CACHE_PAIRS", 3)
+    store.add_tasks([make_task("t1", wanted=100), make_task("t2", wanted=100)])
+    for round_ in range(3):
+        for i in range(4):
+            store.write_batch([preference(f"r{round_}-{i}", "t1" if i % 2 else "t2", annotator=f"a{i}")])
+            assert len(store._answered) <= 3
+    tasks = dict(_rows(store, "SELECT task_id, annotations_done FROM tasks"))
+    assert tasks == {"t1": 2, "t2": 2}
+    assert store.stats().total_records == 12

@@ -44,6 +44,10 @@ class AnnotatorConfig(BaseModel):
     """Tasks pulled per PullTasks call."""
     lease_seconds: int = Field(120, ge=1)
     """How long a pulled task is reserved for this annotator."""
+    think_time_s: float = Field(0.0, ge=0.0, le=60.0)
+    """Seconds spent reading each task before judging it (part of the lead time). Without it
+    annotators label as fast as the CPU lets them, and one that writes no corrections can take
+    most of a round's tasks; a pace like people's spreads them."""
 
 
 @dataclass
@@ -63,10 +67,11 @@ class SimulatedAnnotator:
         self.rng = random.Random(cfg.seed)
         self.stats = AnnotatorStats()
 
-    def judge_task(self, task: pb.LabelingTask) -> pb.FeedbackRecord:
-        """One judgement: a preference between the task's first two candidates."""
+    def judge_task(self, task: pb.LabelingTask, started: float | None = None) -> pb.FeedbackRecord:
+        """One judgement: a preference between the task's first two candidates (`started`:
+        when the annotator began on the task, for the lead time; default now)."""
         a, b = task.candidates[0], task.candidates[1]
-        started = time.time()
+        started = time.time() if started is None else started
         verdict = self.judge.noisy_compare(task.prompt, a.text, b.text, self.cfg.noise, self.rng)
         return self._record(task, started, preference=pb.Preference(candidate_a_id=a.candidate_id, candidate_b_id=b.candidate_id,
                                                                      choice=_CHOICE[verdict]))
@@ -99,27 +104,36 @@ class SimulatedAnnotator:
             **judgement,
         )
 
-    def run_once(self) -> int:
-        """Pull a batch of tasks, judge them, submit; returns how many were judged."""
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """Pull a batch of tasks, judge them (`think_time_s` each), submit; returns how many
+        were judged. When `stop` is set while thinking, what is judged is submitted and the
+        rest is left to its lease."""
         tasks = list(self.client.pull_tasks(self.project, self.cfg.annotator_id, max_tasks=self.cfg.batch, lease_seconds=self.cfg.lease_seconds))
         if not tasks:
             return 0
         records = []
+        judged = 0
         for t in tasks:
-            records.append(self.judge_task(t))
+            started = time.time()
+            if self.cfg.think_time_s and (stop.wait(self.cfg.think_time_s) if stop else time.sleep(self.cfg.think_time_s)):
+                break  # stopped while reading this task
+            records.append(self.judge_task(t, started))
+            judged += 1
             correction = self.correct_task(t, records[-1].preference)
             if correction is not None:
                 records.append(correction)
                 self.stats.corrected += 1
+        if not records:
+            return 0
         results = self.client.submit(records)
-        self.stats.judged += len(tasks)
+        self.stats.judged += judged
         self.stats.accepted += sum(r.status != pb.RecordResult.STATUS_REJECTED for r in results)
         self.stats.rejected += sum(r.status == pb.RecordResult.STATUS_REJECTED for r in results)
-        return len(tasks)
+        return judged
 
     def run(self, stop: threading.Event, idle_sleep_s: float = 0.2) -> AnnotatorStats:
         """Label until `stop` is set."""
         while not stop.is_set():
-            if self.run_once() == 0:
+            if self.run_once(stop) == 0:
                 stop.wait(idle_sleep_s)
         return self.stats

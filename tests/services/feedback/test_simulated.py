@@ -102,3 +102,42 @@ def test_the_no_answer_placeholder_stands_for_an_empty_answer():
     for rule in ("concise", "positive", "format"):
         judge = Judge(JudgeConfig(rule=rule))
         assert judge.score("", NO_ANSWER) == judge.score("", "")
+
+
+def test_think_time_spreads_tasks_across_annotators_and_counts_in_the_lead_time(server):
+    import threading
+
+    server.server.store.add_tasks([
+        Task(f"s{i}", "demo", f"p{i}", "Tell me.", (pb.Candidate(candidate_id="x", text="Short."),
+             pb.Candidate(candidate_id="y", text="A longer answer.")), annotations_wanted=1) for i in range(24)])
+    annotators = [SimulatedAnnotator(AnnotatorConfig(annotator_id=f"paced{k}", noise=0.0, batch=2, seed=k, think_time_s=0.05),
+                                     FeedbackClient(server.address), "demo") for k in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=a.run, args=(stop,), kwargs={"idle_sleep_s": 0.05}) for a in annotators]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(600):
+            if server.server.store.stats().open_tasks == 0 and sum(a.stats.judged for a in annotators) == 24:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    judged = [a.stats.judged for a in annotators]
+    assert sum(judged) == 24 and min(judged) >= 6, judged  # both labelled a fair share
+    stored = [s.record for s in server.server.store.iter_after(0)]
+    assert len(stored) == 24 and all(r.lead_time_seconds >= 0.05 for r in stored)
+
+
+def test_an_annotator_stopped_while_thinking_submits_what_it_judged(server):
+    import threading
+
+    server.server.store.add_tasks(make_tasks(4))
+    stop = threading.Event()
+    annotator = SimulatedAnnotator(AnnotatorConfig(annotator_id="slow", noise=0.0, batch=4, think_time_s=1.0),
+                                   FeedbackClient(server.address), "demo")
+    threading.Timer(1.5, stop.set).start()  # during the second task
+    assert annotator.run_once(stop) == 1
+    assert [s.record.annotator_id for s in server.server.store.iter_after(0)] == ["slow"]

@@ -5,15 +5,15 @@
 
 One batch runs at a time. While it runs, new requests queue up; when it ends, the next batch
 takes what is queued and then keeps collecting. It closes as soon as it is full, or
-`max_wait_s` after it opened, or when no request has arrived for `idle_s` *and* it holds at
-least as many requests as the previous batch did (the callers just answered are the likeliest
-to come back). A fixed wait (Ray Serve's `serve.batch`) has to pick between two losses:
+`max_wait_s` after it opened, or when no request has arrived for `idle_s` *and* it holds the
+expected number: the previous batch's requests (the callers just answered are the likeliest
+to come back) plus those that arrived while it ran (callers that were waiting). A fixed wait (Ray Serve's `serve.batch`) has to pick between two losses:
 short, and clients that come back a few milliseconds after their answer miss the batch and
 make the next one small; long, and a lone client pays the whole wait on every request. The
 previous batch's size and the idle gap tell the cases apart: a lone client's batch had one
-request and its next one has nobody behind it; 32 clients answered together come back
-together, a few milliseconds apart on a busy machine. When callers leave, one batch waits
-`max_wait_s` and the next expects fewer.
+request and its next one has nobody behind it; of 32 clients, those answered come back a few
+milliseconds apart on a busy machine (up to a tenth of a second or more), and the others are
+already queued. When callers leave, one batch waits `max_wait_s` and the next expects fewer.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class Batcher(Generic[Req, Res]):
         self.policy = policy
         self.stats = BatchStats()
         self._previous = 1  # size of the last batch: how many callers are likely to come back
+        self._running = False
+        self._arrived_while_running = 0  # requests queued while the last batch ran
         self._queue: asyncio.Queue[tuple[Req, asyncio.Future[Res]]] = asyncio.Queue()
         self._worker = asyncio.get_running_loop().create_task(self._serve())
 
@@ -67,6 +69,8 @@ class Batcher(Generic[Req, Res]):
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((request, future))
+        if self._running:
+            self._arrived_while_running += 1
         return await future
 
     def close(self) -> None:
@@ -76,7 +80,7 @@ class Batcher(Generic[Req, Res]):
         batch = [await self._queue.get()]
         opened = time.monotonic()
         limit, policy = self.policy.max_batch_size, self.policy
-        expected = min(limit, self._previous)
+        expected = min(limit, self._previous + self._arrived_while_running)
         reason = "full"
         while len(batch) < limit:
             while len(batch) < limit and not self._queue.empty():
@@ -107,6 +111,7 @@ class Batcher(Generic[Req, Res]):
                 continue
             self.stats.batches += 1
             self.stats.requests += len(live)
+            self._running, self._arrived_while_running = True, 0
             try:
                 results = await self._run([r for r, _ in live])
                 if len(results) != len(live):
@@ -121,6 +126,8 @@ class Batcher(Generic[Req, Res]):
                     if not f.done():
                         f.set_exception(e)
                 continue
+            finally:
+                self._running = False
             for (_, f), result in zip(live, results):
                 if not f.done():
                     f.set_result(result)

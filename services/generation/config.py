@@ -35,7 +35,7 @@ class GenerationConfig(BaseModel):
     """Custom Ray resources per replica (e.g. {"node:gen": 0.01} to pin replicas to a node type)."""
     max_batch_size: int = Field(16, ge=1)
     """Most requests generated together (dynamic batching)."""
-    batch_wait_timeout_s: float = Field(0.1, ge=0)
+    batch_wait_timeout_s: float = Field(0.25, ge=0)
     """Longest a batch stays open to fill up after its first request."""
     batch_idle_s: float = Field(0.01, ge=0)
     """A batch closes early when no request has arrived for this long (see `batching.py`)."""

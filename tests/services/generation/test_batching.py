@@ -11,14 +11,15 @@ from services.generation.batching import Batcher, BatchPolicy
 
 
 class Recorder:
-    def __init__(self, fail_on: set[int] | None = None, wrong_count: bool = False) -> None:
+    def __init__(self, fail_on: set[int] | None = None, wrong_count: bool = False, delay: float = 0.01) -> None:
         self.batches: list[list[int]] = []
         self.fail_on = fail_on or set()
         self.wrong_count = wrong_count
+        self.delay = delay
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(self.delay)
         if self.fail_on & set(items):
             raise ValueError(f"bad item in {items}")
         return [x * 10 for x in items][: len(items) - 1 if self.wrong_count else None]
@@ -166,3 +167,28 @@ def test_submit_after_close_is_refused():
             await batcher.submit(1)
 
     run(main())
+
+
+def test_callers_that_queued_while_a_batch_ran_count_in_the_next_ones_expected_size():
+    async def main():
+        rec = Recorder(delay=0.3)
+        batcher = Batcher(rec, BatchPolicy(max_batch_size=64, max_wait_s=30.0, idle_s=0.02))
+
+        async def client(first: int, again: int | None, start: float, think: float):
+            await asyncio.sleep(start)
+            out = await batcher.submit(first)
+            if again is None:
+                return out
+            await asyncio.sleep(think)  # comes back slowly: longer than the idle gap
+            return await batcher.submit(again)
+
+        # two callers make the first batch; three more queue while it runs; the first two
+        # come back 0.1 s and 0.2 s after their answers
+        results = await asyncio.gather(client(0, 10, 0.0, 0.1), client(1, 11, 0.0, 0.2),
+                                       *(client(i, None, 0.15, 0.0) for i in (2, 3, 4)))
+        batcher.close()
+        return rec, results
+
+    rec, results = run(main())
+    assert rec.batches[0] == [0, 1]
+    assert sorted(rec.batches[1]) == [2, 3, 4, 10, 11]  # 2 answered + 3 that waited: it waited for 5

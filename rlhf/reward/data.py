@@ -109,8 +109,13 @@ def encode(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     texts = [chat_text(tokenizer, p, r) for p, r in zip(prompts, responses)]
     rows = [ids[-max_length:] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    return right_padded(rows, int(tokenizer.pad_token_id))
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad: int) -> TokenBatch:
+    """Token rows padded on the right with ``pad``, and their mask."""
     width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), int(tokenizer.pad_token_id), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)

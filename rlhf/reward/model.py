@@ -35,7 +35,7 @@ from rlhf.models import (
     position_ids_from_mask,
 )
 from rlhf.reward.config import RewardConfig
-from rlhf.reward.data import TokenBatch, chat_text, encode
+from rlhf.reward.data import TokenBatch, chat_text, right_padded
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,10 @@ class RewardModel(nn.Module):
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
         """Chat-formatted, truncated, right-padded tokens on the model's device."""
-        batch = encode(self.tokenizer, prompts, responses, self.cfg.max_length)
+        return self._padded(self._token_rows(prompts, responses))
+
+    def _padded(self, rows: list[list[int]]) -> TokenBatch:
+        batch = right_padded(rows, int(self.tokenizer.pad_token_id))
         device = self.offset.device
         return TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device))
 
@@ -127,7 +130,7 @@ class RewardModel(nn.Module):
         alone.sort(key=lambda i: len(rows[i]))
         for start in range(0, len(alone), size):
             chunk = alone[start : start + size]
-            batch = _right_padded([rows[i] for i in chunk], int(self.tokenizer.pad_token_id), self.offset.device)
+            batch = self._padded([rows[i] for i in chunk])
             values.append(self(batch.input_ids, batch.attention_mask))
             order.extend(chunk)
         where = torch.empty(len(order), dtype=torch.long)
@@ -153,7 +156,7 @@ class RewardModel(nn.Module):
             prefix_ids[g, width - len(prefix) :] = torch.tensor(prefix, dtype=torch.long)
             prefix_mask[g, width - len(prefix) :] = 1
         suffixes = [suffix for _, group in groups for suffix in group]
-        tail = _right_padded(suffixes, pad, device)
+        tail = self._padded(suffixes)
         owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(group) for _, group in groups]))
         prefix_ids, prefix_mask, owner = prefix_ids.to(device), prefix_mask.to(device), owner.to(device)
         cache = self.backbone(
@@ -229,16 +232,6 @@ def _chunks(groups: list[tuple[list[int], int]], size: int) -> list[list[tuple[l
         chunks[-1].append(piece)
         rows += len(piece[0])
     return chunks
-
-
-def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> TokenBatch:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return TokenBatch(input_ids.to(device), attention_mask.to(device))
 
 
 def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig) -> RewardModel:

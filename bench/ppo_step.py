@@ -250,6 +250,62 @@ def run_trl_interleaved(setup: Setup, reward_model, warmup: int, iters: int, oth
     return result
 
 
+# --------------------------------------------------------------------------- floor
+def matmul_floor(setup: Setup, reps: int = 3) -> dict[str, float]:
+    """Seconds of the dense weight matmuls that each stage of one iteration cannot avoid at
+    fp32 on this thread count, measured on the model's own weight tensors (the fastest of
+    ``reps``). Any exact implementation runs at least these products; attention, norms,
+    activations, sampling, the adapters' small products and framework overhead come on top.
+
+    - generate: the prompts once per group through the decoder, then ``T - 1`` decoding steps
+      of ``B`` rows through the decoder and the LM head (the faster of its two forms);
+    - score: the reward model's decoder (same architecture) over the prompts once per group
+      and the ``B x T`` response tokens;
+    - ref: the same through the policy's decoder, and the LM head on the response tokens;
+    - update: that forward again and its backward to the inputs (``dY W``; frozen weights need
+      no weight gradient), the least a LoRA update does.
+    """
+    from torch import nn
+
+    model, tokenizer = load_policy(setup.model, None)
+    head = model.get_output_embeddings()
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    head_w = head.weight.detach()
+    prompt_rows = sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in chat_prompts(tokenizer, setup.prompts))
+    B, T = setup.prompts * setup.group, setup.new_tokens
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def body(rows: int, backward: bool = False) -> float:
+        xs = {d: torch.randn(rows, d) for d in {w.shape[0] for w in weights} | {w.shape[1] for w in weights}}
+        if backward:
+            return best(lambda: [torch.mm(xs[w.shape[0]], w) for w in weights])
+        return best(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
+
+    def lm_head(rows: int, backward: bool = False) -> float:
+        if backward:
+            dy = torch.randn(rows, head_w.shape[0])
+            return best(lambda: torch.mm(dy, head_w))
+        x = torch.randn(rows, head_w.shape[1])
+        return min(best(lambda: torch.nn.functional.linear(x, head_w)), best(lambda: torch.mm(head_w, x.t())))
+
+    with torch.no_grad():
+        trained_rows = prompt_rows + B * T
+        forward = body(trained_rows) + lm_head(B * T)
+        return {
+            "generate": body(prompt_rows) + lm_head(setup.prompts) + (T - 1) * (body(B) + lm_head(B)),
+            "score": body(trained_rows),
+            "ref_values": forward,
+            "update": forward + body(trained_rows, backward=True) + lm_head(B * T, backward=True),
+        }
+
+
 # --------------------------------------------------------------------------- report
 def table(setup: Setup, results: list[Result]) -> list[str]:
     samples = setup.prompts * setup.group
@@ -305,6 +361,23 @@ def main() -> None:
         summary[f"{key}_vs_trl"] = trl.best() / hitl_grpo.best()
         summary[f"{key}_ppo_vs_trl"] = trl.best() / hitl_ppo.best()
         summary[f"{key}_tokens_per_s"] = samples * setup.new_tokens / hitl_grpo.best()
+        if setup.lora.enabled:
+            torch.set_num_threads(args.threads)
+            floor = matmul_floor(setup)
+            total = sum(floor.values())
+            lines = [
+                f"\nmatmul floor (the dense fp32 weight products each stage cannot avoid, on the model's own "
+                f"weights; everything else comes on top):",
+                f"{'floor':<11} {total:8.2f} {samples / total:10.2f} {samples * setup.new_tokens / total:9.1f} "
+                f"{floor['generate']:9.2f} {floor['score']:7.2f} {floor['ref_values']:8.2f} {floor['update']:8.2f}",
+                f"the most an exact fp32 implementation could reach against this TRL run: "
+                f"{trl.best() / total:.2f}x (trl {trl.best():.2f} s / floor {total:.2f} s); hitl grpo: "
+                f"{trl.best() / hitl_grpo.best():.2f}x, at {total / hitl_grpo.best():.0%} of the floor's speed",
+            ]
+            printed += lines
+            print("\n".join(lines), flush=True)
+            summary[f"{key}_floor_s"] = total
+            summary[f"{key}_max_vs_trl"] = trl.best() / total
     main_key = "smollm2_lora" if not args.skip_smollm2 else "tiny"
     summary = {
         "samples_per_s": summary[f"{main_key}_samples_per_s"],

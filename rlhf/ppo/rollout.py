@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rlhf.ppo.config import PPOConfig
-from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.core import logprobs_and_entropy, logprobs_from_logits
 
 
 def sample_seed(seed: int, iteration: int, index: int) -> int:
@@ -314,9 +314,6 @@ def response_logprobs(
     See :func:`response_logits` for ``group_size``."""
     logits = response_logits(model, sequences, attention_mask, response_length, group_size)
     labels = sequences[:, -response_length:]
-    logprobs = logprobs_from_logits(logits, labels, temperature)
-    entropy = None
     if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits, temperature)
-    return logprobs, entropy
+        return logprobs_and_entropy(logits, labels, temperature, entropy_grad)
+    return logprobs_from_logits(logits, labels, temperature), None

@@ -383,12 +383,11 @@ class PPOTrainer:
             module.policy, sequences, attention_mask, T, self.cfg.group_size, with_hidden=True
         )
         values = module.head(hidden).float()
-        logprobs = core.logprobs_from_logits(logits, sequences[:, -T:], self.cfg.temperature)
-        entropy = None
+        labels = sequences[:, -T:]
         if with_entropy:
-            with torch.set_grad_enabled(self.cfg.entropy_coef > 0 and torch.is_grad_enabled()):
-                entropy = core.entropy_from_logits(logits, self.cfg.temperature)
-        return (logprobs, values, entropy) if with_entropy else (logprobs, values)
+            logprobs, entropy = core.logprobs_and_entropy(logits, labels, self.cfg.temperature, self.cfg.entropy_coef > 0)
+            return logprobs, values, entropy
+        return core.logprobs_from_logits(logits, labels, self.cfg.temperature), values
 
     def _critic_values(self, sequences: Tensor, attention_mask: Tensor, T: int, train: bool) -> Tensor:
         critic = self.critic_engine.module

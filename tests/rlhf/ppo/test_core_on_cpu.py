@@ -165,6 +165,27 @@ def test_entropy_logprobs_explained_variance():
     assert core.explained_variance(torch.full_like(ret, 2.0), ret, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_logprobs_and_entropy_in_one_pass_match_the_separate_ones():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 3, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (2, 3), generator=g)
+    weights = torch.randn(2, 3, generator=g)
+    for temperature in (1.0, 0.7):
+        for entropy_grad in (False, True):
+            a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+            lp, ent = core.logprobs_and_entropy(a, labels, temperature, entropy_grad)
+            lp_ref = core.logprobs_from_logits(b, labels, temperature)
+            ent_ref = core.entropy_from_logits(b, temperature)
+            torch.testing.assert_close(lp, lp_ref)
+            torch.testing.assert_close(ent, ent_ref)
+            assert ent.requires_grad is entropy_grad
+            loss = (lp * weights).sum() + (ent.sum() if entropy_grad else 0.0)
+            loss_ref = (lp_ref * weights).sum() + (ent_ref.sum() if entropy_grad else 0.0)
+            loss.backward()
+            loss_ref.backward()
+            torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_kl_controllers():
     fixed = core.make_kl_controller("fixed", 0.1, 6.0, 100)
     fixed.update(100.0, 10)

@@ -33,7 +33,7 @@ from actors.annotator_quality import TRAINED_KINDS, QualityTracker
 from actors.config import RunConfig
 from actors.curation import curate
 from actors.curation_memory import CurationMemory
-from actors.lineage import next_reward_model, policy_lineage, republished_lineage, write_lineage
+from actors.lineage import forget_in_reward_model, next_reward_model, policy_lineage, republished_lineage, write_lineage
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.judges import Judge, shown_text, win_rate
 from rlhf.prompts import load_prompts, split_prompts
@@ -290,9 +290,12 @@ class Coordinator:
         stage("publish", self.publish_tasks, r)
         records = stage("feedback", self.wait_for_feedback)
         curated = stage("curate", self.curate, records)
-        rm_report = stage("reward_model", self.update_reward_model, curated.items)
+        rm_report = stage("reward_model", self.update_reward_model, curated)
         if "skipped" not in rm_report:
-            self.state.reward_model = next_reward_model(self.state.reward_model, r, curated.items, self._reward_model_config())
+            self.state.reward_model = next_reward_model(self.state.reward_model, r, curated.items, self._reward_model_config(),
+                                                        forgotten=rm_report.get("forgotten_flagged", 0))
+        elif rm_report.get("forgotten_flagged"):
+            self.state.reward_model = forget_in_reward_model(self.state.reward_model, rm_report["forgotten_flagged"])
         sft_report = stage("sft", self.sft, curated.demonstrations)
         ppo = stage("ppo", self.ppo_iterations, r, rm_report)
         stage("push_weights", self.push_weights)
@@ -419,12 +422,15 @@ class Coordinator:
         )
         return write_lineage(self.run_dir, record)
 
-    def update_reward_model(self, items: list) -> dict:
+    def update_reward_model(self, curated) -> dict:
+        """Train the reward model on the round's items, after leaving out the earlier items that
+        the round's flags reach (a flag may come rounds after what it flags was used)."""
         import ray
 
-        if not items:
-            return {"skipped": "no usable records"}
-        return ray.get(self.reward_model.train.remote(items))
+        if not curated.items:
+            forgotten = ray.get(self.reward_model.forget.remote(curated.flagged)) if curated.flagged else 0
+            return {"skipped": "no usable records", "forgotten_flagged": forgotten}
+        return ray.get(self.reward_model.train.remote(curated.items, curated.flagged))
 
     def ppo_iterations(self, r: int, rm_report: dict | None = None) -> list[dict[str, float]]:
         """The round's PPO iterations; none while the reward model's held-out accuracy is under

@@ -42,6 +42,16 @@ _CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class FlaggedContent:
+    """What a flag points at, as text: a prompt (``response`` None: every item on the prompt)
+    or one response to it, as the reward model's items hold them."""
+
+    prompt: str
+    response: str | None
+    category: str  # harmful, pii, spam, other
+
+
 @dataclass
 class Curated:
     items: list[PreferencePair | Ranking] = field(default_factory=list)
@@ -50,6 +60,7 @@ class Curated:
     received: Counter = field(default_factory=Counter)  # records by kind
     by_annotator: Counter = field(default_factory=Counter)  # records by annotator
     used_by_annotator: Counter = field(default_factory=Counter)  # items and demonstrations used, by annotator
+    flagged: list[FlaggedContent] = field(default_factory=list)  # this round's flags, resolved to texts
     first_seq: int = 0
     last_seq: int = 0
 
@@ -85,7 +96,11 @@ def curate(
         out.received[s.record.WhichOneof("judgement")] += 1
         out.by_annotator[s.record.annotator_id] += 1
         if s.record.WhichOneof("judgement") == "flag":
-            out.counts[f"flag/{memory.add_flag(s.record.flag, s.record.task_id)}"] += 1
+            category = memory.add_flag(s.record.flag, s.record.task_id)
+            out.counts[f"flag/{category}"] += 1
+            content = _flagged_content(s.record, task_of(s.record.task_id), category)
+            if content is not None:
+                out.flagged.append(content)
     for s in records:
         r = s.record
         kind = r.WhichOneof("judgement")
@@ -127,6 +142,53 @@ def curate(
         out.items.append(item)
         _use(out, r, None)
     return out
+
+
+def _flagged_content(r: pb.FeedbackRecord, task: Task | None, category: str) -> FlaggedContent | None:
+    """The texts a flag record points at (None when its task or candidate is unknown)."""
+    if task is None:
+        return None
+    if not r.flag.candidate_id:
+        return FlaggedContent(task.prompt, None, category)
+    text = next((c.text for c in task.candidates if c.candidate_id == r.flag.candidate_id), None)
+    return None if text is None else FlaggedContent(task.prompt, answer_text(text), category)
+
+
+def without_flagged(
+    items: Iterable[PreferencePair | Ranking], flagged: Iterable[FlaggedContent]
+) -> tuple[list[PreferencePair | Ranking], int]:
+    """``items`` less what a flag of a later round reaches, and how many items changed.
+
+    Curation keeps flagged content out of the round it arrives in; a flag that comes after its
+    content was used reaches the reward model's earlier items through this: an item on a
+    flagged prompt is dropped, a preference with a flagged response is dropped, and a ranking
+    loses the flagged response (re-ranked densely; dropped below 2 responses), as curation does
+    for a ranking in its own round. Texts are compared as the items hold them, so the same
+    flagged text is left out wherever it was judged."""
+    prompts = {f.prompt for f in flagged if f.response is None}
+    responses = {(f.prompt, f.response) for f in flagged if f.response is not None}
+    kept: list[PreferencePair | Ranking] = []
+    changed = 0
+    for item in items:
+        if item.prompt in prompts:
+            changed += 1
+            continue
+        if isinstance(item, PreferencePair):
+            if (item.prompt, item.response_a) in responses or (item.prompt, item.response_b) in responses:
+                changed += 1
+                continue
+            kept.append(item)
+            continue
+        keep = [i for i, text in enumerate(item.responses) if (item.prompt, text) not in responses]
+        if len(keep) == len(item.responses):
+            kept.append(item)
+            continue
+        changed += 1
+        if len(keep) >= 2:
+            dense = {rank: n + 1 for n, rank in enumerate(sorted({item.ranks[i] for i in keep}))}
+            kept.append(replace(item, responses=tuple(item.responses[i] for i in keep),
+                                ranks=tuple(dense[item.ranks[i]] for i in keep)))
+    return kept, changed
 
 
 def _use(out: Curated, r: pb.FeedbackRecord, reason: str | None) -> None:

@@ -54,18 +54,27 @@ def chain(previous: str, items: Iterable[Any]) -> str:
     return h
 
 
-def next_reward_model(current: Mapping[str, Any] | None, round_: int, items: Sequence[Any], config: Any) -> dict[str, Any]:
+def next_reward_model(current: Mapping[str, Any] | None, round_: int, items: Sequence[Any], config: Any,
+                      forgotten: int = 0) -> dict[str, Any]:
     """The reward model's lineage after a round that trained it on ``items`` (added to all
-    earlier items, as the reward-model actor does)."""
+    earlier items, as the reward-model actor does), ``forgotten`` earlier items having been
+    changed or left out by the round's flags first."""
     items_sha = chain((current or {}).get("items_sha256", ""), items)
     config_sha = digest(config)
     return {
         "id": f"rm-r{round_:04d}-{hashlib.sha256((config_sha + items_sha).encode()).hexdigest()[:16]}",
         "trained_in_round": round_,
         "items_total": int((current or {}).get("items_total", 0)) + len(items),
+        "items_forgotten": int((current or {}).get("items_forgotten", 0)) + forgotten,
         "items_sha256": items_sha,
         "config_sha256": config_sha,
     }
+
+
+def forget_in_reward_model(current: Mapping[str, Any] | None, forgotten: int) -> dict[str, Any]:
+    """The reward model's lineage after a round that only left out ``forgotten`` earlier items
+    (flags, no new items): the same weights, so the same id."""
+    return {**(current or {}), "items_forgotten": int((current or {}).get("items_forgotten", 0)) + forgotten}
 
 
 @functools.cache

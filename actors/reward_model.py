@@ -22,16 +22,28 @@ class RewardModelActor:
         self.items: list = []
         self.trained_rounds = 0
 
-    def train(self, items: list) -> dict:
+    def forget(self, flagged: list) -> int:
+        """Leave out of later updates the earlier items that flags (`FlaggedContent`) of a
+        later round reach (`actors.curation.without_flagged`); returns how many items changed.
+        What the weights already learnt from them stays until they are trained again."""
+        from actors.curation import without_flagged
+
+        self.items, changed = without_flagged(self.items, flagged)
+        return changed
+
+    def train(self, items: list, flagged: list = ()) -> dict:
         """Add a round's items (PreferencePair / Ranking) and update the model: on everything
-        so far, or on the new pairs plus a sample of earlier ones (``reward.update_pairs``)."""
+        so far, or on the new pairs plus a sample of earlier ones (``reward.update_pairs``).
+        Earlier items that this round's flags reach are left out first (see `forget`)."""
         from rlhf.reward.trainer import train_reward_model
 
+        forgotten = self.forget(list(flagged))
         new_from = len(self.items)
         self.items.extend(items)
         report = train_reward_model(self.model, self.items, new_from=new_from)
         self.trained_rounds += 1
         return {
+            "forgotten_flagged": forgotten,
             "pairs_total": len(self.items),
             "train_pairs": report.train_pairs,
             "validation_pairs": report.validation_pairs,

@@ -199,3 +199,43 @@ def test_an_empty_answer_shown_as_the_placeholder_trains_as_the_empty_text():
     [pair] = out.items
     assert (pair.response_a, pair.response_b) == (LONG_B, "")  # what the policy wrote, not the placeholder
     assert Judge(JudgeConfig(rule="concise")).compare("", NO_ANSWER, LONG_B) == "b"  # an empty answer is never concise
+
+
+def test_a_late_flag_reaches_the_items_of_earlier_rounds():
+    from actors.curation import FlaggedContent, without_flagged
+    from rlhf.preferences import Choice, PreferencePair
+
+    memory = CurationMemory(CurationConfig())
+    t0 = task("t0", "Prompt about parks", LONG_A, LONG_B)
+    t1 = task("t1", "Prompt about rivers", LONG_A + " rivers", LONG_B + " rivers")
+    t2 = task("t2", "Prompt about hills", LONG_A + " hills", LONG_B + " hills", "A third answer about hills.")
+    first = Records()
+    first.prefer("t0")
+    first.prefer("t1")
+    first.add("t2", ranking=pb.Ranking(entries=[pb.Ranking.Entry(candidate_id="t2-0", rank=1),
+                                                 pb.Ranking.Entry(candidate_id="t2-1", rank=2),
+                                                 pb.Ranking.Entry(candidate_id="t2-2", rank=3)]))
+    round0 = curate(first.items, lookup(t0, t1, t2), memory=memory, round_=0)
+    assert len(round0.items) == 3 and round0.flagged == []
+
+    later = Records()
+    later.flag("t0", pb.Flag.KIND_PII)  # the prompt: every item on it goes
+    later.flag("t2", pb.Flag.KIND_HARMFUL, "t2-1")  # one ranked response: the ranking loses it
+    later.flag("nope", pb.Flag.KIND_SPAM, "nope-0")  # an unknown task points at nothing
+    round1 = curate(later.items, lookup(t0, t1, t2), memory=memory, round_=1)
+    assert round1.flagged == [FlaggedContent("Prompt about parks", None, "pii"),
+                              FlaggedContent("Prompt about hills", LONG_B + " hills", "harmful")]
+
+    kept, changed = without_flagged(round0.items, round1.flagged)
+    assert changed == 2
+    assert [item.prompt for item in kept] == ["Prompt about rivers", "Prompt about hills"]
+    assert kept[0] == round0.items[1]
+    assert kept[1].responses == (LONG_A + " hills", "A third answer about hills.") and kept[1].ranks == (1, 2)
+
+    # a flagged response in a preference drops the pair; a ranking left with one response goes
+    pair = PreferencePair(prompt="P", response_a="a", response_b="b", choice=Choice.A)
+    short = Ranking(prompt="P", responses=("a", "c"), ranks=(1, 2))
+    other = PreferencePair(prompt="Q", response_a="a", response_b="b", choice=Choice.B)
+    kept, changed = without_flagged([pair, short, other], [FlaggedContent("P", "a", "spam")])
+    assert kept == [other] and changed == 2
+    assert without_flagged([pair, other], []) == ([pair, other], 0)

@@ -5,7 +5,7 @@ import json
 
 from actors.config import RunConfig
 from actors.curation import Curated
-from actors.lineage import chain, digest, next_reward_model, policy_lineage, republished_lineage, write_lineage
+from actors.lineage import chain, digest, forget_in_reward_model, next_reward_model, policy_lineage, republished_lineage, write_lineage
 from rlhf.preferences import Choice, PreferencePair
 from rlhf.sft import Demonstration
 
@@ -34,6 +34,12 @@ def test_the_reward_model_id_names_its_round_items_and_config():
     # the same items under another config, or other items, give another id
     assert next_reward_model(first, 1, _pairs(2, start=3), {"lr": 2e-4})["id"] != second["id"]
     assert next_reward_model(first, 1, _pairs(2, start=4), config)["id"] != second["id"]
+    # items that later flags left out are counted; a round that only forgets keeps the id
+    assert first["items_forgotten"] == 0
+    third = next_reward_model(second, 2, _pairs(1, start=5), config, forgotten=2)
+    assert third["items_forgotten"] == 2 and third["items_total"] == 6
+    fourth = forget_in_reward_model(third, 1)
+    assert fourth["items_forgotten"] == 3 and fourth["id"] == third["id"] and fourth["items_total"] == 6
 
 
 def test_a_policy_versions_lineage_is_written_with_what_trained_it(tmp_path):

@@ -1,0 +1,42 @@
+"""A flag that arrives rounds after what it flags was used: the reward-model actor (real Ray,
+tiny model) leaves the earlier items it reaches out of later updates, and of its checkpoint."""
+
+from types import SimpleNamespace
+
+from actors.curation import Curated, FlaggedContent
+from rlhf.preferences import Choice, PreferencePair, Ranking
+from tests.actors.test_loop import tiny_run_config
+
+
+def pair(prompt: str, a: str, b: str) -> PreferencePair:
+    return PreferencePair(prompt=prompt, response_a=a, response_b=b, choice=Choice.A, prompt_id=prompt)
+
+
+def test_flags_of_a_later_round_leave_earlier_items_out(ray_session, tmp_path):
+    from actors.coordinator import Coordinator
+    from actors.reward_model import RewardModelActor
+
+    cfg = tiny_run_config(tmp_path)
+    actor = RewardModelActor.options(num_cpus=0.5).remote(cfg.model_dump_json())
+    first = [pair(f"prompt {i}", f"short {i}", f"a much longer answer number {i}") for i in range(6)]
+    first.append(Ranking(prompt="prompt r", responses=("x", "y", "z"), ranks=(1, 2, 3), prompt_id="prompt r"))
+    report = ray_session.get(actor.train.remote(first))
+    assert report["pairs_total"] == 7 and report["forgotten_flagged"] == 0
+
+    # round 2 brings new pairs and flags on a prompt and on a ranked response used in round 1
+    second = [pair(f"prompt {i}", f"short {i}", f"a much longer answer number {i}") for i in range(6, 8)]
+    flagged = [FlaggedContent("prompt 0", None, "pii"), FlaggedContent("prompt r", "y", "harmful")]
+    update = Coordinator.update_reward_model
+    report = update(SimpleNamespace(reward_model=actor), Curated(items=second, flagged=flagged))
+    assert report["forgotten_flagged"] == 2
+    assert report["pairs_total"] == 6 - 1 + 1 + 2  # prompt 0 gone, the ranking kept without "y", 2 new
+
+    # a round with flags and nothing new to train on still leaves them out
+    report = update(SimpleNamespace(reward_model=actor), Curated(flagged=[FlaggedContent("prompt 1", "short 1", "spam")]))
+    assert report == {"skipped": "no usable records", "forgotten_flagged": 1}
+
+    ray_session.get(actor.save.remote(str(tmp_path / "rm")))
+    restored = RewardModelActor.options(num_cpus=0.5).remote(cfg.model_dump_json())
+    assert ray_session.get(restored.load.remote(str(tmp_path / "rm"))) == 7
+    ray_session.kill(actor)
+    ray_session.kill(restored)

@@ -31,7 +31,7 @@ from typing import Any
 
 from actors.annotator_quality import TRAINED_KINDS, QualityTracker
 from actors.config import RunConfig
-from actors.curation import curate
+from actors.curation import Curated, curate
 from actors.curation_memory import CurationMemory
 from actors.lineage import forget_in_reward_model, next_reward_model, policy_lineage, republished_lineage, write_lineage
 from hitl.feedback.v1 import feedback_pb2 as pb
@@ -422,7 +422,7 @@ class Coordinator:
         )
         return write_lineage(self.run_dir, record)
 
-    def update_reward_model(self, curated) -> dict:
+    def update_reward_model(self, curated: Curated) -> dict:
         """Train the reward model on the round's items, after leaving out the earlier items that
         the round's flags reach (a flag may come rounds after what it flags was used)."""
         import ray

@@ -185,9 +185,7 @@ def without_flagged(
             continue
         changed += 1
         if len(keep) >= 2:
-            dense = {rank: n + 1 for n, rank in enumerate(sorted({item.ranks[i] for i in keep}))}
-            kept.append(replace(item, responses=tuple(item.responses[i] for i in keep),
-                                ranks=tuple(dense[item.ranks[i]] for i in keep)))
+            kept.append(_keep_responses(item, keep))
     return kept, changed
 
 
@@ -260,9 +258,14 @@ def _without_repeats(item: PreferencePair | Ranking, memory: CurationMemory, cfg
     keep = [i for i in range(len(ranked.responses)) if i not in repeats]
     if len(keep) < 2:
         return None, fp
-    dense = {rank: n + 1 for n, rank in enumerate(sorted({ranked.ranks[i] for i in keep}))}
-    kept = replace(ranked, responses=tuple(ranked.responses[i] for i in keep), ranks=tuple(dense[ranked.ranks[i]] for i in keep))
+    kept = _keep_responses(ranked, keep)
     return kept, _fingerprint(kept, memory)
+
+
+def _keep_responses(item: Ranking, keep: list[int]) -> Ranking:
+    """The ranking of the responses at ``keep`` only, re-ranked densely (ties stay ties)."""
+    dense = {rank: n + 1 for n, rank in enumerate(sorted({item.ranks[i] for i in keep}))}
+    return replace(item, responses=tuple(item.responses[i] for i in keep), ranks=tuple(dense[item.ranks[i]] for i in keep))
 
 
 def _fingerprint(item: PreferencePair | Ranking, memory: CurationMemory) -> Fingerprint:

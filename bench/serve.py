@@ -13,8 +13,9 @@ batches and waiting. The table shows the mean batch the server formed at each le
 Every request asks for exactly N new tokens (EOS suppressed before N), greedy, so each
 side generates the same token count. Each level runs closed-loop clients that start
 together and send 4 requests each (8 without --quick), so the figure is the steady state
-rather than the few batches in which clients first arrive. Target: the server reaches >= 70% of the ceiling's
-tokens/s at 32 clients. The last line is one JSON object of the headline figures.
+rather than the few batches in which clients first arrive. Target: the server reaches
+>= 70% of the ceiling's tokens/s at 32 clients. The last line is one JSON object of the
+headline figures.
 """
 
 from __future__ import annotations

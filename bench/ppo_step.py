@@ -14,7 +14,10 @@ Rows, per model (the tiny random Llama, and SmolLM2-135M-Instruct with LoRA):
   policy's backbone (the default ``CriticConfig``): the rollout forward also yields values and
   old log-probs, and the update trains policy and head together -- work TRL's GRPO does not do.
 - ``trl grpo``: ``trl.GRPOTrainer``, same model weights, LoRA settings, prompts, batch
-  (prompts x group), generation length, sampling settings, reward model, learning rate.
+  (prompts x group), generation length, sampling settings, reward model, learning rate; the
+  policy is the stock transformers model (``nn.Linear`` on PyTorch's default BLAS), as TRL
+  users run it: hitl's oneDNN linears (``rlhf.models.packed``) are hitl's own work. The
+  reward model is one shared instance, so scoring costs both sides the same.
 
 The three systems run interleaved (a TRL step, then one iteration of each hitl trainer, and
 again), so that they share whatever else loads the machine. Times are wall-clock, of the
@@ -45,8 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from rlhf.models import CriticConfig, LoraConfig, ModelConfig, build_critic, load_policy  # noqa: E402
+from rlhf.models.packed import ONEDNN_AVAILABLE, pack, packed_linear  # noqa: E402
 from rlhf.ppo import DeepSpeedConfig, PPOConfig  # noqa: E402
 from rlhf.reward import RewardConfig, build_reward_model  # noqa: E402
 
@@ -164,7 +170,9 @@ def run_trl_interleaved(setup: Setup, reward_model, warmup: int, iters: int, oth
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    policy, tokenizer = load_policy(setup.model, None)  # TRL adds the adapters itself
+    # TRL adds the adapters itself, and gets the stock transformers model: plain nn.Linear on
+    # the default BLAS (hitl's oneDNN linears are hitl's own, not TRL's)
+    policy, tokenizer = load_policy(setup.model.model_copy(update={"onednn_linear": False}), None)
     model_init_kwargs = None
     if not setup.lora.enabled:
         # without adapters TRL loads its reference copy from the policy's path
@@ -254,7 +262,8 @@ def run_trl_interleaved(setup: Setup, reward_model, warmup: int, iters: int, oth
 def matmul_floor(setup: Setup, reps: int = 3) -> dict[str, float]:
     """Seconds of the dense weight matmuls that each stage of one iteration cannot avoid at
     fp32 on this thread count, measured on the model's own weight tensors (the fastest of
-    ``reps``). Any exact implementation runs at least these products; attention, norms,
+    ``reps``, and of the default BLAS and oneDNN with prepacked weights, whichever is faster
+    for each stage's set of products). Any exact implementation runs at least these products; attention, norms,
     activations, sampling, the adapters' small products and framework overhead come on top.
 
     - generate: the prompts once per group through the decoder, then ``T - 1`` decoding steps
@@ -282,18 +291,26 @@ def matmul_floor(setup: Setup, reps: int = 3) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         return min(times)
 
+    def fastest(products: list[tuple[Tensor, Tensor]]) -> float:
+        """``x @ W^T`` for each (x, W), on the faster of the default BLAS and oneDNN with
+        prepacked weights (packing not counted: a frozen weight is packed once)."""
+        plain = best(lambda: [F.linear(x, w) for x, w in products])
+        if not ONEDNN_AVAILABLE:
+            return plain
+        packs = [(x, pack(w)) for x, w in products]
+        return min(plain, best(lambda: [packed_linear(x, p) for x, p in packs]))
+
     def body(rows: int, backward: bool = False) -> float:
         xs = {d: torch.randn(rows, d) for d in {w.shape[0] for w in weights} | {w.shape[1] for w in weights}}
-        if backward:
-            return best(lambda: [torch.mm(xs[w.shape[0]], w) for w in weights])
-        return best(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
+        if backward:  # dY @ W = dY @ (W^T)^T
+            return fastest([(xs[w.shape[0]], w.t().contiguous()) for w in weights])
+        return fastest([(xs[w.shape[1]], w) for w in weights])
 
     def lm_head(rows: int, backward: bool = False) -> float:
         if backward:
-            dy = torch.randn(rows, head_w.shape[0])
-            return best(lambda: torch.mm(dy, head_w))
+            return fastest([(torch.randn(rows, head_w.shape[0]), head_w.t().contiguous())])
         x = torch.randn(rows, head_w.shape[1])
-        return min(best(lambda: torch.nn.functional.linear(x, head_w)), best(lambda: torch.mm(head_w, x.t())))
+        return min(fastest([(x, head_w)]), best(lambda: torch.mm(head_w, x.t())))
 
     with torch.no_grad():
         trained_rows = prompt_rows + B * T

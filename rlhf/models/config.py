@@ -74,6 +74,13 @@ class ModelConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel passed to transformers."""
 
+    onednn_linear: bool = True
+    """On the CPU at float32, run the linear layers on oneDNN with prepacked weights
+    (:mod:`rlhf.models.packed`): frozen weights are packed once and kept (one extra copy of
+    them for the forward pass, one for the backward), trained and LoRA-merged ones for each
+    generation. About 2x faster decoding and 10-20% faster training passes than the default
+    BLAS on the CPUs measured; no effect on accelerators."""
+
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, validate_default=True)
     """Where converted GGUF checkpoints and tokenizers are kept (``~`` is expanded)."""
 

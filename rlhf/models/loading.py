@@ -40,6 +40,7 @@ from rlhf.models.gguf_cache import (
     gguf_source,
     smollm2_gguf_path,
 )
+from rlhf.models.packed import use_packed_linears
 
 PolicyModel = PreTrainedModel | PeftModel
 
@@ -149,39 +150,11 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
         model_dir = ensure_model_dir(gguf_source(_gguf_path(cfg), cfg.cache_dir))
         model = _from_directory(cfg, str(model_dir))
     _sync_special_tokens(model, tokenizer)
-    wide_head(model)
+    if cfg.onednn_linear:
+        use_packed_linears(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.eval()
-
-
-class WideHeadLinear(nn.Linear):
-    """A vocabulary-wide LM head that, on the CPU without gradients, computes the logits as
-    ``(W @ x^T)^T`` instead of ``x @ W^T``: same parameters, same values up to float
-    rounding. For SmolLM2's 49152 x 576 head and the few rows of a decoding step, the CPU
-    BLAS runs the first form about 1.5-2x faster (about 25 vs 42 ms a step for 8 rows on one
-    thread here), and the head is close to half of a step's matrix time. With gradients, and
-    off the CPU, it is ``nn.Linear``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
-            return super().forward(x)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.mm(self.weight, flat.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-WIDE_HEAD_MIN_OUT = 8192
-
-
-def wide_head(model: PreTrainedModel) -> None:
-    """Make the model's output embedding a :class:`WideHeadLinear` in place (the same module
-    and parameters, so tied weights stay tied) when it is a plain vocabulary-wide ``nn.Linear``."""
-    head = model.get_output_embeddings()
-    if type(head) is nn.Linear and head.out_features >= WIDE_HEAD_MIN_OUT:
-        head.__class__ = WideHeadLinear
 
 
 def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

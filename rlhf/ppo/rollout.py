@@ -202,7 +202,10 @@ def merged_lora(model):
         return
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
-    model.merge_adapter()
+    from rlhf.models.packed import forget_packs
+
+    model.merge_adapter()  # peft writes through .data: kept oneDNN packs would not see it
+    forget_packs(model)
     try:
         yield
     finally:
@@ -210,6 +213,7 @@ def merged_lora(model):
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
+        forget_packs(model)
 
 
 def _prefill(model, prompt_ids: Tensor, attention_mask: Tensor, group_size: int):

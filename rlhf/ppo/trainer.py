@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rlhf.models.packed import packed_weights, uses_packed_linears
 from rlhf.ppo import core
 from rlhf.ppo.config import DeepSpeedConfig, PPOConfig, deepspeed_config_dict
 from rlhf.ppo.experience import Experience
@@ -351,13 +352,21 @@ class PPOTrainer:
         module = self.policy_engine.module
         policy = module.policy if self.critic_is_head else module
         ids, attn = tokenize_prompts(self.tokenizer, rollout_texts(self.tokenizer, prompts, self.cfg.chat_template), self.cfg.max_prompt_tokens, self.dist.device)
-        # under ZeRO-3 the weights are partitioned and cannot be merged in place
-        merge = merged_lora(policy) if self.ds_cfg.zero_stage < 3 else nullcontext()
-        with merge:
+        with self._generation_weights(policy):
             return generate(
                 policy, self.tokenizer, ids, attn, self.cfg, self.iteration, indices,
                 synced_gpus=self._zero3_multi, group_size=self.cfg.group_size,
             )
+
+    def _generation_weights(self, policy):
+        """How the policy's weights serve a generation: oneDNN packs of the effective (LoRA-
+        merged) weights on the CPU, adapters merged in place elsewhere; under ZeRO-3 the
+        weights are partitioned and neither applies."""
+        if self.ds_cfg.zero_stage >= 3:
+            return nullcontext()
+        if self.dist.device.type == "cpu" and uses_packed_linears(policy):
+            return packed_weights(policy)
+        return merged_lora(policy)
 
     def _score(self, prompts: list[str], responses: list[str]) -> Tensor:
         scores = torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1)

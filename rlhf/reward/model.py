@@ -34,6 +34,7 @@ from rlhf.models import (
     load_tokenizer,
     position_ids_from_mask,
 )
+from rlhf.models.packed import keep_packs, use_packed_linears
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.data import TokenBatch, chat_text, right_padded
 
@@ -60,6 +61,9 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.register_buffer("offset", torch.zeros(()))  # () subtracted from every score
+        # trained only by torch.optim and load_state_dict: scoring may keep oneDNN packs of the
+        # weights between updates (rlhf.models.packed)
+        keep_packs(self.backbone)
 
     def forward(
         self,
@@ -253,6 +257,8 @@ def load_reward_model(directory: str | Path) -> RewardModel:
     directory = Path(directory)
     cfg = RewardConfig.model_validate_json((directory / "reward.json").read_text())
     backbone = AutoModel.from_pretrained(str(directory / "backbone"), local_files_only=True)
+    if cfg.model is None or cfg.model.onednn_linear:
+        use_packed_linears(backbone)
     tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
     tensors = load_file(str(directory / "head.safetensors"))
     head = ValueHead(int(backbone.config.hidden_size))

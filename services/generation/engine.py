@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from rlhf.models import LoraConfig, ModelConfig, load_policy
+from rlhf.models.packed import keep_packs
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class PolicyEngine:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.model.eval()
+        # updates are copied into the parameters (load_weights), which moves their version
+        # counters: on the CPU the oneDNN packs of trained weights can be kept between updates
+        keep_packs(self.model)
         self.lora = lora is not None and lora.enabled
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0

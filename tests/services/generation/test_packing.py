@@ -123,3 +123,22 @@ def test_a_refused_update_leaves_the_engine_untouched():
     engine.load_weights(WeightUpdate(1, unpack_tensors(through_the_store(packed)), adapters_only=True))
     assert engine.version == 1
     assert all(torch.equal(engine.weights()[k], v) for k, v in new.items())
+
+
+def test_a_full_update_reaches_the_served_outputs():
+    """A full-model engine keeps oneDNN packs of its weights between updates on the CPU; an
+    update must reach the next forward (the packs follow the copied parameters)."""
+    engine = PolicyEngine(ModelConfig(source="tiny"), None)
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        before = engine.model(input_ids=ids).logits
+        g = torch.Generator().manual_seed(1)
+        new = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+               for k, v in engine.weights().items()}
+        engine.load_weights(WeightUpdate(1, new, adapters_only=False))
+        after = engine.model(input_ids=ids).logits
+        fresh = PolicyEngine(ModelConfig(source="tiny", onednn_linear=False), None)
+        fresh.model.load_state_dict(new)
+        expected = fresh.model(input_ids=ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)

@@ -89,8 +89,22 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return entropy_from_logp(torch.log_softmax(logits, dim=-1))
+
+
+LOGP_FLOOR = -87.0
+"""Log-probabilities below this are raised to it before ``exp`` in the entropy: exp(-87.0) is
+just above float32's smallest normal number (exp(-87.34))."""
+
+
+def entropy_from_logp(logp: Tensor) -> Tensor:
+    """``-sum(p log p)`` over the last dimension of log-probabilities. ``p`` is taken from the
+    log-probabilities floored at :data:`LOGP_FLOOR`: most of a large vocabulary sits far below
+    exp(-87), where ``exp`` returns denormal floats that the CPU computes and multiplies 4-5x
+    more slowly (a 192 x 49152 batch: about 170 against 40 ms on one thread). Those tokens
+    change the entropy by less than V * 1e-35 (and a -inf log-probability adds 0, not NaN)."""
+    floored = logp.clamp(min=LOGP_FLOOR)
+    return -(floored.exp() * floored).sum(-1)
 
 
 def logprobs_and_entropy(
@@ -107,8 +121,7 @@ def logprobs_and_entropy(
     logp = torch.log_softmax(logits, dim=-1)
     picked = torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        source = logp if entropy_grad else logp.detach()
-        entropy = -(source.exp() * source).sum(-1)
+        entropy = entropy_from_logp(logp if entropy_grad else logp.detach())
     return picked, entropy
 
 

@@ -186,6 +186,27 @@ def test_logprobs_and_entropy_in_one_pass_match_the_separate_ones():
             torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_entropy_of_a_wide_spread_vocabulary_and_of_masked_tokens():
+    """Most tokens far below exp(-87) (where exp gives denormals and the entropy floors them)
+    and tokens at -inf: the entropy is the float64 one, gradients included, and finite."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5000, generator=g, dtype=torch.float64) * 40
+    logits[0, 0, :2500] = float("-inf")
+    logp64 = torch.log_softmax(logits, -1)
+    exact = -(logp64.exp() * torch.where(logp64.isinf(), 0.0, logp64)).sum(-1)
+    assert (logp64 < core.LOGP_FLOOR).float().mean() > 0.5
+    x = logits.float().requires_grad_()
+    ent = core.entropy_from_logits(x)
+    assert torch.isfinite(ent).all()
+    torch.testing.assert_close(ent.double(), exact, atol=1e-5, rtol=1e-5)
+    ent.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    y = logits.clone().requires_grad_()
+    exact_y = -(torch.softmax(y, -1) * torch.log_softmax(y, -1).clamp(min=-1e30)).sum(-1)
+    exact_y.sum().backward()
+    torch.testing.assert_close(x.grad.double(), y.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_kl_controllers():
     fixed = core.make_kl_controller("fixed", 0.1, 6.0, 100)
     fixed.update(100.0, 10)

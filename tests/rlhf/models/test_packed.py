@@ -19,9 +19,11 @@ from rlhf.models.packed import (
     uses_packed_linears,
 )
 
-pytestmark = pytest.mark.skipif(
-    not ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN (not the case for the pinned CPU wheel)"
-)
+
+
+def test_the_pinned_pytorch_build_has_onednn():
+    """Without it every PackedLinear is plain nn.Linear and the tests below would test nothing."""
+    assert ONEDNN_AVAILABLE
 
 
 def _pair(frozen: bool, bias: bool = True) -> tuple[nn.Linear, PackedLinear]:

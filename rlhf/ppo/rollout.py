@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlhf.models.packed import forget_packs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import logprobs_and_entropy, logprobs_from_logits
 
@@ -202,8 +203,6 @@ def merged_lora(model):
         return
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
-    from rlhf.models.packed import forget_packs
-
     model.merge_adapter()  # peft writes through .data: kept oneDNN packs would not see it
     forget_packs(model)
     try:

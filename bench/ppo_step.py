@@ -262,9 +262,10 @@ def run_trl_interleaved(setup: Setup, reward_model, warmup: int, iters: int, oth
 def matmul_floor(setup: Setup, reps: int = 3) -> dict[str, float]:
     """Seconds of the dense weight matmuls that each stage of one iteration cannot avoid at
     fp32 on this thread count, measured on the model's own weight tensors (the fastest of
-    ``reps``, and of the default BLAS and oneDNN with prepacked weights, whichever is faster
-    for each stage's set of products). Any exact implementation runs at least these products; attention, norms,
-    activations, sampling, the adapters' small products and framework overhead come on top.
+    ``reps``, on whichever of the default BLAS and oneDNN with prepacked weights is faster for
+    each stage's set of products). Any exact implementation runs at least these products;
+    attention, norms, activations, sampling, the adapters' small products and framework
+    overhead come on top.
 
     - generate: the prompts once per group through the decoder, then ``T - 1`` decoding steps
       of ``B`` rows through the decoder and the LM head (the faster of its two forms);

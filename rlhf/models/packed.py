@@ -21,10 +21,11 @@ How weights get packed:
 - **Trained weights** never take the packed path while gradients are on (their weight
   gradient needs the plain product). A model whose weights change only through the tensors
   themselves (a ``torch.optim`` optimiser, ``load_state_dict``; the reward model) can
-  :func:`keep_packs`: its no-grad passes then keep packs as frozen weights do. For a generation, :func:`packed_weights` packs the
-  current *effective* weights of a model on entry (a trained weight as it is; a LoRA layer's
-  base weight plus its adapters' update, computed out of place) and drops them on exit:
-  decoding then runs merged-adapter products without touching the base weights.
+  :func:`keep_packs`: its no-grad passes then keep packs as frozen weights do. For a
+  generation, :func:`packed_weights` packs the current *effective* weights of a model on entry
+  (a trained weight as it is; a LoRA layer's base weight plus its adapters' update, computed
+  out of place) and drops them on exit: decoding then runs merged-adapter products without
+  touching the base weights.
 - With gradients on and a frozen weight, the forward is the packed product and the backward
   gives the input's gradient ``dY @ W`` through a packed ``W^T`` (made on the first backward
   and kept like the forward pack).
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -191,10 +193,6 @@ def uses_packed_linears(model: nn.Module) -> bool:
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return []
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import gzip
 import json
 import os
 from pathlib import Path
@@ -15,15 +16,23 @@ from actors.config import RunConfig
 from rlhf.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-CRDS = Path(os.environ.get("HITL_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
+BUNDLED = Path(__file__).resolve().parent / "crds"  # the v1 schemas, carried in the repository (see its README)
 KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 
 
 @functools.lru_cache(maxsize=None)
 def crd_schema(kind: str, version: str) -> dict:
-    path = CRDS / KINDS[kind]
+    """The CRD's openAPIV3Schema: from $HITL_KUBERAY_CRDS (a folder of KubeRay's CRD YAML files)
+    when set, else from the schemas bundled beside this test."""
+    override = os.environ.get("HITL_KUBERAY_CRDS")
+    if not override:
+        bundled = BUNDLED / f"{kind.lower()}-{version}.schema.json.gz"
+        if not bundled.exists():
+            raise AssertionError(f"no bundled schema for {kind} {version} ({bundled})")
+        return json.loads(gzip.decompress(bundled.read_bytes()))
+    path = Path(override) / KINDS[kind]
     if not path.exists():
-        raise AssertionError(f"KubeRay CRDs not found at {CRDS}: set HITL_KUBERAY_CRDS")
+        raise AssertionError(f"HITL_KUBERAY_CRDS={override}: {KINDS[kind]} not found there")
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for v in crd["spec"]["versions"]:
         if v["name"] == version:

@@ -13,9 +13,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.annotator_quality import AnnotatorQualityConfig
-from actors.curation_config import CurationConfig
 from rlhf.config import RLHFConfig
+from rlhf.curation.config import CurationConfig
+from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
+from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
+from rlhf.quality import AnnotatorQualityConfig
+from rlhf.reward.config import RewardConfig
+from rlhf.sft.config import SFTConfig
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.simulated import AnnotatorConfig
 from services.generation.config import GenerationConfig
@@ -122,7 +126,7 @@ class CoordinatorConfig(BaseModel):
     max_recoveries: int = Field(3, ge=0)
     """Rounds restarted from the last checkpoint after a lost actor, before the run gives up."""
     quality: AnnotatorQualityConfig = Field(default_factory=AnnotatorQualityConfig)
-    """Gold tasks (`gold_rate`, `gold_tasks`), annotator weights and pausing (actors/annotator_quality.py)."""
+    """Gold tasks (`gold_rate`, `gold_tasks`), annotator weights and pausing (rlhf/quality/tracker.py)."""
     run_dir: Path = Path("runs/latest")
     """Where reports, plots and checkpoints go."""
     progress: bool = True
@@ -143,6 +147,31 @@ class AnnotatorsSection(BaseModel):
     """Each with its own rule and noise; the first one's rule judges the evaluation."""
 
 
+class RewardModelSpec(BaseModel):
+    """What the reward-model actor is given: its sections of the run, no more."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reward: RewardConfig
+    policy_model: ModelConfig
+    """The policy's model: the reward model's backbone unless `reward` names its own."""
+    resources: RoleResources
+
+
+class TrainerSpec(BaseModel):
+    """What each trainer worker is given: the policy, its optimiser and DeepSpeed, SFT."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig
+    lora: LoraConfig
+    critic: CriticConfig
+    ppo: PPOConfig
+    deepspeed: DeepSpeedConfig
+    sft: SFTConfig
+    group: TrainerGroupConfig
+
+
 class RunConfig(RLHFConfig):
     """A whole run of the loop: the RLHF core plus cluster, services and rounds."""
 
@@ -153,6 +182,13 @@ class RunConfig(RLHFConfig):
     annotators: AnnotatorsSection = Field(default_factory=AnnotatorsSection)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     """What curation removes before training: duplicates, old guideline versions (flags always)."""
+
+    def reward_model_spec(self) -> RewardModelSpec:
+        return RewardModelSpec(reward=self.reward, policy_model=self.model, resources=self.cluster.reward_model)
+
+    def trainer_spec(self) -> TrainerSpec:
+        return TrainerSpec(model=self.model, lora=self.lora, critic=self.critic, ppo=self.ppo, deepspeed=self.deepspeed,
+                           sft=self.sft, group=self.cluster.trainer)
 
     @model_validator(mode="after")
     def _check_run(self) -> "RunConfig":

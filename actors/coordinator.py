@@ -8,7 +8,7 @@ One round, top-down (each step a method below):
   feedback → curate → update the reward model → SFT on corrections → PPO iterations → push
   the weights to the generation server → evaluate on held-out prompts → checkpoint (the
   feedback watermark included, so a resumed run neither reuses nor skips a record). Each
-  pushed version gets a lineage file (actors/lineage.py) that its round report names.
+  pushed version gets a lineage file (rlhf/lineage.py) that its round report names.
 
 Ray enters at: [1] `ray.init` (local cluster or an address), [2] the feedback service
 actor, [3] the generation server (Ray Serve), [4] the reward-model actor, [5] the PPO
@@ -29,14 +29,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.annotator_quality import TRAINED_KINDS, QualityTracker
 from actors.config import RunConfig
-from actors.curation import Curated, curate
-from actors.curation_memory import CurationMemory
-from actors.lineage import forget_in_reward_model, next_reward_model, policy_lineage, republished_lineage, write_lineage
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.judges import Judge, shown_text, win_rate
+from rlhf.curation.memory import CurationMemory
+from rlhf.curation.rules import Curated, curate
+from rlhf.lineage import (
+    forget_in_reward_model,
+    next_reward_model,
+    policy_lineage,
+    republished_lineage,
+    write_lineage,
+)
 from rlhf.prompts import load_prompts, split_prompts
+from rlhf.quality import TRAINED_KINDS, QualityTracker
+from rlhf.quality.judges import Judge, shown_text, win_rate
 from services.feedback.records import Task
 
 log = logging.getLogger(__name__)
@@ -68,7 +74,7 @@ class RoundReport:
     feedback_to_policy_s: float | None = None  # last needed record committed -> first answer by the new policy
     quality: dict[str, Any] = field(default_factory=dict)  # annotator tables (round, overall), weights, paused
     sft: dict[str, Any] = field(default_factory=dict)  # the SFT step on corrections, or why it was skipped
-    lineage: str | None = None  # lineage/policy-vNNNN.json under the run directory (actors/lineage.py)
+    lineage: str | None = None  # lineage/policy-vNNNN.json under the run directory (rlhf/lineage.py)
 
 
 @dataclass
@@ -80,7 +86,7 @@ class RunState:
     policy_version: int = 0
     initial_eval_answers: list[str] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
-    reward_model: dict = field(default_factory=dict)  # the reward model's lineage (actors.lineage.next_reward_model)
+    reward_model: dict = field(default_factory=dict)  # the reward model's lineage (rlhf.lineage.next_reward_model)
     reward_accuracy: float | None = None  # the reward model's last held-out accuracy (gates PPO)
 
 
@@ -168,7 +174,7 @@ class Coordinator:
         self.trainers.shutdown()
         ray.kill(self.reward_model)
         self.placement.release()
-        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.model_dump_json())
+        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.reward_model_spec())
         self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model)
         self._restore()
 
@@ -199,6 +205,7 @@ class Coordinator:
         from actors.placement import Placement
         from actors.reward_model import RewardModelActor
         from actors.trainer_group import PPOTrainerGroup
+        from services.feedback.jsonl import load_gold_tasks
         from services.feedback.store import open_store
 
         c = self.cfg.cluster
@@ -211,14 +218,16 @@ class Coordinator:
         self.store = open_store(self.cfg.feedback.service.store)
         self.feedback_address = self._start_feedback()  # [2]
         self.generation = self._start_generation()  # [3]
-        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.model_dump_json())  # [4]
+        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.reward_model_spec())  # [4]
         self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model)  # [5]
         prompts = load_prompts(self.cfg.data)
         split = split_prompts(prompts, self.cfg.data.validation_fraction, self.cfg.data.split_seed)
         self.train_prompts = list(split.train)
         self.eval_prompts = list(split.evaluation)[: self.cfg.coordinator.eval_prompts] or self.train_prompts[: self.cfg.coordinator.eval_prompts]
         self.judge = Judge(self.cfg.annotators.annotators[0].judge) if self.cfg.annotators.annotators else None
-        self.quality = QualityTracker(self.cfg.coordinator.quality, self.store, self.cfg.feedback.project, self.judge, _prompt_id)
+        q = self.cfg.coordinator.quality
+        pool = load_gold_tasks(q.gold_tasks) if q.gold_tasks is not None and q.gold_rate > 0 else []
+        self.quality = QualityTracker(q, self.store, self.cfg.feedback.project, self.judge, _prompt_id, pool)
         self._start_annotators()
 
     def _start_feedback(self) -> str:
@@ -538,7 +547,7 @@ class Coordinator:
             (reports_dir / f"round-{rep['round']:04d}.json").write_text(json.dumps(rep, indent=2))
         (self.run_dir / "report.json").write_text(json.dumps({"rounds": self.state.reports}, indent=2))
         try:
-            from actors.report import plot_rounds
+            from rlhf.report import plot_rounds
 
             plot_rounds(self.state.reports, self.run_dir / "report.png")
         except Exception:  # noqa: BLE001 - a missing plot must not stop the run

@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import ray
 
+from actors.config import RewardModelSpec
+
 
 @ray.remote
 class RewardModelActor:
     """Holds one `rlhf.reward.RewardModel`; every round adds its pairs and updates it."""
 
-    def __init__(self, cfg_json: str):
-
-        from actors.config import RunConfig
+    def __init__(self, spec: RewardModelSpec):
         from rlhf.reward.model import build_reward_model
         from rlhf.threads import set_torch_threads
 
-        cfg = RunConfig.model_validate_json(cfg_json)
-        self.cfg = cfg
-        set_torch_threads(cfg.cluster.reward_model.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-        self.model = build_reward_model(cfg.reward, cfg.model)
+        self.spec = spec
+        set_torch_threads(spec.resources.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+        self.model = build_reward_model(spec.reward, spec.policy_model)
         self.items: list = []
         self.trained_rounds = 0
 
     def forget(self, flagged: list) -> int:
         """Leave out of later updates the earlier items that flags (`FlaggedContent`) of a
-        later round reach (`actors.curation.without_flagged`); returns how many items changed.
+        later round reach (`rlhf.curation.rules.without_flagged`); returns how many items changed.
         What the weights already learnt from them stays until they are trained again."""
-        from actors.curation import without_flagged
+        from rlhf.curation.rules import without_flagged
 
         self.items, changed = without_flagged(self.items, flagged)
         return changed
@@ -78,7 +77,7 @@ class RewardModelActor:
         from rlhf.reward.model import build_reward_model
 
         self.items = pickle.loads((Path(directory) / "items.pkl").read_bytes())
-        self.model = build_reward_model(self.cfg.reward, self.cfg.model)
+        self.model = build_reward_model(self.spec.reward, self.spec.policy_model)
         tensors = load_file(str(Path(directory) / "trained.safetensors"))
         missing = set(tensors) - set(self.model.state_dict())
         if missing:

@@ -23,6 +23,8 @@ from typing import Any
 
 import ray
 
+from actors.config import TrainerSpec
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -32,10 +34,10 @@ def _free_port() -> int:
 
 @ray.remote
 class PPOWorker:
-    def __init__(self, rank: int, world_size: int, cfg_json: str):
+    def __init__(self, rank: int, world_size: int, spec: TrainerSpec):
         self.rank = rank
         self.world_size = world_size
-        self.cfg_json = cfg_json
+        self.spec = spec
         self.trainer = None
 
     def address(self) -> tuple[str, int]:
@@ -43,14 +45,12 @@ class PPOWorker:
 
     def setup(self, master_addr: str, master_port: int, reward_actor, backend: str) -> int:
         """Join the process group and build the trainer; collective across the group."""
-        import torch
 
-        from actors.config import RunConfig
         from rlhf.models import build_critic, load_policy
         from rlhf.ppo.trainer import PPOTrainer, init_distributed
         from rlhf.threads import set_torch_threads
 
-        cfg = RunConfig.model_validate_json(self.cfg_json)
+        cfg = self.spec
         gpu = bool(ray.get_gpu_ids())
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -61,7 +61,7 @@ class PPOWorker:
         )
         if not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        set_torch_threads(cfg.cluster.trainer.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+        set_torch_threads(cfg.group.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         init_distributed(None if backend == "auto" else backend)
         policy, tokenizer = load_policy(cfg.model, cfg.lora)
         critic = build_critic(cfg.critic, policy, cfg.model, tokenizer) if cfg.ppo.uses_critic else None
@@ -132,9 +132,9 @@ class PPOTrainerGroup:
     def __init__(self, cfg, placement, reward_actor, setup_timeout_s: float = 600.0):
         self.cfg = cfg
         n = cfg.cluster.trainer.workers
-        cfg_json = cfg.model_dump_json()
+        spec = cfg.trainer_spec()
         self.workers = [
-            PPOWorker.options(**placement.trainer_worker_options(rank), name=None).remote(rank, n, cfg_json) for rank in range(n)
+            PPOWorker.options(**placement.trainer_worker_options(rank), name=None).remote(rank, n, spec) for rank in range(n)
         ]
         master_addr, master_port = ray.get(self.workers[0].address.remote(), timeout=setup_timeout_s)
         ray.get(

@@ -247,7 +247,7 @@ def server_process(argv: list[str], ready_file: Path, log: Path) -> Iterator[Ser
 
 def hitl_serve_argv(store_url: str) -> list[str]:
     return [
-        sys.executable, "-c", "from services.cli import main; main()",
+        sys.executable, "-c", "from hitl.cli import main; main()",
         "feedback", "serve", "--store", store_url, "--port", "0", "--no-metrics",
     ]  # fmt: skip
 

@@ -384,8 +384,8 @@ def main() -> None:
             floor = matmul_floor(setup)
             total = sum(floor.values())
             lines = [
-                f"\nmatmul floor (the dense fp32 weight products each stage cannot avoid, on the model's own "
-                f"weights; everything else comes on top):",
+                "\nmatmul floor (the dense fp32 weight products each stage cannot avoid, on the model's own "
+                "weights; everything else comes on top):",
                 f"{'floor':<11} {total:8.2f} {samples / total:10.2f} {samples * setup.new_tokens / total:9.1f} "
                 f"{floor['generate']:9.2f} {floor['score']:7.2f} {floor['ref_values']:8.2f} {floor['update']:8.2f}",
                 f"the most an exact fp32 implementation could reach against this TRL run: "

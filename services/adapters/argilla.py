@@ -8,7 +8,7 @@ with the base64 part of the `whsec_...` secret). Argilla retries a failed
 delivery up to 3 times, each time with a new message id, so idempotency rests
 on the response's own id and `updated_at`, never on `webhook-id`.
 
-Mapping (documented in docs/ARCHITECTURE.md, "Data in and out"):
+Mapping (the payload's fields are typed in services/adapters/payloads.py):
 
 * Events: `response.created` and `response.updated` with `data.status ==
   "submitted"` give records; drafts, discarded responses and every other event
@@ -38,8 +38,18 @@ import time
 from typing import Any, Mapping
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-
-from services.adapters.common import Judgement, PayloadError, choice_of, get, to_records
+from services.adapters.common import Judgement, PayloadError, choice_of, to_records
+from services.adapters.payloads import (
+    ArgillaEvent,
+    ArgillaResponse,
+    ArgillaStatus,
+    Preference,
+    Ranking,
+    Rating,
+    Text,
+    parse,
+    parse_value,
+)
 
 RESPONSE_EVENTS = ("response.created", "response.updated")
 TOLERANCE_S = 300  # Standard Webhooks' suggested window for webhook-timestamp
@@ -89,72 +99,43 @@ def judgement_of(event: Any, default_project: str) -> Judgement | None:
     """The judgement of a response event, or None for events that carry none."""
     if not isinstance(event, dict):
         raise PayloadError("body", "must be a JSON object")
-    kind = get(event, "type", str)
-    if kind not in RESPONSE_EVENTS:
+    header = parse(ArgillaEvent, event)
+    if header.type not in RESPONSE_EVENTS:
         return None
-    data = get(event, "data", dict)
-    status = get(data, "status", str)
-    if status != "submitted":
+    if not isinstance(event.get("data"), dict):
+        raise PayloadError("data", "is required" if event.get("data") is None else "must be an object")
+    if event["data"].get("status") != "submitted":  # drafts and discarded responses carry no judgement
+        parse(ArgillaStatus, event["data"], "data")
         return None
-    response_id = get(data, "id", str)
-    updated_at = get(data, "updated_at", str)
-    values = get(data, "values", dict)
-    record = get(event, "data.record", dict)
-    task_id = get(event, "data.record.external_id", str)
-    metadata = record.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise PayloadError("data.record.metadata", "must be an object")
-    user = get(event, "data.user", dict)
-    who = user.get("username") or user.get("id")
-    if not isinstance(who, str) or not who:
+    response = parse(ArgillaResponse, event["data"], "data")
+    who = response.user.name
+    if not who:
         raise PayloadError("data.user.username", "is required")
-    candidates = metadata.get("candidate_ids") or []
-    if not isinstance(candidates, list):
-        raise PayloadError("data.record.metadata.candidate_ids", "must be a list of candidate ids")
-    project = metadata.get("project") or default_project
-    rated = metadata.get("rated_candidate_id") or ""
-    if not isinstance(project, str) or not isinstance(rated, str):
-        raise PayloadError("data.record.metadata", "project and rated_candidate_id must be strings")
+    meta = response.record.metadata
     j = Judgement(
         tool="argilla",
-        annotation_id=response_id,
-        updated_at=updated_at,
-        project=project,
-        task_id=task_id,
+        annotation_id=response.id,
+        updated_at=response.updated_at,
+        project=meta.project or default_project,
+        task_id=response.record.external_id,
         annotator_id=f"argilla:{who}",
-        candidate_ids=[str(c) for c in candidates],
-        rated_candidate_id=rated,
-        metadata={"argilla.record_id": str(record.get("id", ""))},
+        candidate_ids=list(meta.candidate_ids),
+        rated_candidate_id=meta.rated_candidate_id,
+        metadata={"argilla.record_id": "" if response.record.id is None else str(response.record.id)},
         candidates_path="data.record.metadata.candidate_ids",
     )
-    for name, answer in values.items():
+    for name, answer in response.values.items():
         where = f"data.values.{name}.value"
-        if not isinstance(answer, dict) or "value" not in answer:
-            raise PayloadError(f"data.values.{name}", "must be an object with a value")
-        value = answer["value"]
         if name == "preference":
-            if not isinstance(value, str):
-                raise PayloadError(where, "must be a label")
-            j.preference = choice_of(value, where)
+            j.preference = choice_of(parse_value(Preference, answer.value, where), where)
         elif name == "ranking":
-            if not isinstance(value, list) or not value:
-                raise PayloadError(where, "must be a list of {value, rank}")
-            for i, item in enumerate(value):
-                if not isinstance(item, dict) or not isinstance(item.get("value"), str) or not isinstance(item.get("rank"), int) or isinstance(item.get("rank"), bool):
-                    raise PayloadError(f"{where}[{i}]", "must be {value: candidate id, rank: integer}")
-                j.ranking.append((item["value"], item["rank"]))
+            j.ranking.extend((item.value, item.rank) for item in parse_value(Ranking, answer.value, where))
         elif name == "rating" or name.startswith("rating_"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise PayloadError(where, "must be a number")
-            j.ratings.append((name[len("rating_") :] if name != "rating" else "overall", float(value)))
+            j.ratings.append((name[len("rating_") :] if name != "rating" else "overall", float(parse_value(Rating, answer.value, where))))
         elif name == "correction":
-            if not isinstance(value, str):
-                raise PayloadError(where, "must be text")
-            j.correction = value
+            j.correction = parse_value(Text, answer.value, where)
         elif name in ("note", "comments"):
-            if not isinstance(value, str):
-                raise PayloadError(where, "must be text")
-            j.note = value
+            j.note = parse_value(Text, answer.value, where)
     return j
 
 

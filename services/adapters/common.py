@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
@@ -33,30 +32,6 @@ class PayloadError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-def get(obj: Any, path: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
-    """obj's value at the dotted `path`, checked to be of `kind`."""
-    value = obj
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            raise PayloadError(path, "missing (its parent is not an object)")
-        if part not in value or value[part] is None:
-            if required:
-                raise PayloadError(path, "is required")
-            return None
-        value = value[part]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise PayloadError(path, f"must be {_kind_name(kind)}, got a boolean")
-    if not isinstance(value, kind):
-        raise PayloadError(path, f"must be {_kind_name(kind)}, got {type(value).__name__}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 def choice_of(label: str, where: str) -> int:

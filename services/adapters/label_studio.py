@@ -4,7 +4,7 @@ Label Studio posts `{"action": "ANNOTATION_CREATED" | "ANNOTATION_UPDATED",
 "annotation": {...}, "task": {...}, "project": {...}}` and does not retry a
 failed delivery. Idempotency rests on the annotation's `id` and `updated_at`.
 
-Mapping (documented in docs/ARCHITECTURE.md, "Data in and out"):
+Mapping (the payload's fields are typed in services/adapters/payloads.py):
 
 * The hitl task: `task.data.task_id` is the task id, `task.data.candidate_ids`
   the task's candidate ids (the order the labeling config shows them in),
@@ -27,8 +27,16 @@ from __future__ import annotations
 from typing import Any
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-
-from services.adapters.common import Judgement, PayloadError, choice_of, get, to_records
+from services.adapters.common import Judgement, PayloadError, choice_of, to_records
+from services.adapters.payloads import (
+    ChoicesValue,
+    LabelStudioAnnotationEvent,
+    LabelStudioEvent,
+    LabelStudioUser,
+    RatingValue,
+    TextValue,
+    parse,
+)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 
@@ -36,77 +44,44 @@ ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 def judgement_of(payload: Any, default_project: str) -> Judgement | None:
     if not isinstance(payload, dict):
         raise PayloadError("body", "must be a JSON object")
-    action = get(payload, "action", str)
-    if action not in ANNOTATION_EVENTS:
+    if parse(LabelStudioEvent, payload).action not in ANNOTATION_EVENTS:
         return None
-    annotation = get(payload, "annotation", dict)
-    get(payload, "task", dict)
-    annotation_id = get(payload, "annotation.id", (int, str))
-    updated_at = get(payload, "annotation.updated_at", str)
-    if annotation.get("was_cancelled") is True:
+    event = parse(LabelStudioAnnotationEvent, payload)
+    annotation, data = event.annotation, event.task.data
+    if annotation.was_cancelled:  # a skipped task
         return None
-    data = get(payload, "task.data", dict)
-    task_id = get(payload, "task.data.task_id", str)
-    completed_by = get(payload, "annotation.completed_by", (int, str, dict))
-    if isinstance(completed_by, dict):
-        who = completed_by.get("email") or completed_by.get("id")
+    who = annotation.completed_by
+    if isinstance(who, LabelStudioUser):
+        who = who.email or who.id
         if who is None:
             raise PayloadError("annotation.completed_by", "must name the user (id or email)")
-    else:
-        who = completed_by
-    candidates = data.get("candidate_ids") or []
-    if not isinstance(candidates, list):
-        raise PayloadError("task.data.candidate_ids", "must be a list of candidate ids")
-    project = data.get("project") or default_project
-    rated = data.get("rated_candidate_id") or ""
-    if not isinstance(project, str) or not isinstance(rated, str):
-        raise PayloadError("task.data", "project and rated_candidate_id must be strings")
-    lead = annotation.get("lead_time")
-    if lead is not None and (isinstance(lead, bool) or not isinstance(lead, (int, float))):
-        raise PayloadError("annotation.lead_time", "must be a number of seconds")
     j = Judgement(
         tool="label-studio",
-        annotation_id=str(annotation_id),
-        updated_at=updated_at,
-        project=project,
-        task_id=task_id,
+        annotation_id=str(annotation.id),
+        updated_at=annotation.updated_at,
+        project=data.project or default_project,
+        task_id=data.task_id,
         annotator_id=f"label-studio:{who}",
-        candidate_ids=[str(c) for c in candidates],
-        rated_candidate_id=rated,
-        lead_time_seconds=float(lead) if lead is not None else None,
-        metadata={"label-studio.task_id": str(payload["task"].get("id", ""))},
+        candidate_ids=[str(c) for c in data.candidate_ids],
+        rated_candidate_id=data.rated_candidate_id,
+        lead_time_seconds=None if annotation.lead_time is None else float(annotation.lead_time),
+        metadata={"label-studio.task_id": "" if event.task.id is None else str(event.task.id)},
         candidates_path="task.data.candidate_ids",
     )
-    results = get(payload, "annotation.result", list)
-    for i, item in enumerate(results):
-        where = f"annotation.result[{i}]"
-        if not isinstance(item, dict):
-            raise PayloadError(where, "must be an object")
-        name = item.get("from_name")
-        if not isinstance(name, str):
-            raise PayloadError(f"{where}.from_name", "must be the control tag's name")
-        kind = item.get("type")
-        value = item.get("value")
-        if not isinstance(value, dict):
-            raise PayloadError(f"{where}.value", "must be an object")
+    for i, item in enumerate(annotation.result):
+        where = f"annotation.result[{i}].value"
+        name, kind = item.from_name, item.type
         if name == "preference" and kind == "choices":
-            choices = value.get("choices")
-            if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], str):
-                raise PayloadError(f"{where}.value.choices", "must hold exactly one choice")
-            j.preference = choice_of(choices[0], f"{where}.value.choices")
+            j.preference = choice_of(parse(ChoicesValue, item.value, where).choices[0], f"{where}.choices")
         elif (name == "rating" or name.startswith("rating_")) and kind == "rating":
-            rating = value.get("rating")
-            if isinstance(rating, bool) or not isinstance(rating, (int, float)):
-                raise PayloadError(f"{where}.value.rating", "must be a number")
+            rating = parse(RatingValue, item.value, where).rating
             j.ratings.append((name[len("rating_") :] if name != "rating" else "overall", float(rating)))
         elif name in ("correction", "note") and kind == "textarea":
-            text = value.get("text")
-            if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-                raise PayloadError(f"{where}.value.text", "must be a list of strings")
+            text = "\n".join(parse(TextValue, item.value, where).text)
             if name == "correction":
-                j.correction = "\n".join(text)
+                j.correction = text
             else:
-                j.note = "\n".join(text)
+                j.note = text
     return j
 
 

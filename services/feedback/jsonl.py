@@ -102,3 +102,14 @@ def write_lines(lines: Iterable[str], out: TextIO) -> int:
         out.write(line + "\n")
         n += 1
     return n
+
+
+def load_gold_tasks(path: Path) -> list[Task]:
+    """The gold pairs of a JSONL file of tasks (see `rlhf.quality.gold.check_gold_pool`)."""
+    from rlhf.quality.gold import GoldFileError, check_gold_pool
+
+    try:
+        tasks = list(read_tasks(Path(path)))
+    except (JsonlError, OSError) as err:
+        raise GoldFileError(f"gold tasks file: {err}") from None
+    return check_gold_pool(tasks, str(path))

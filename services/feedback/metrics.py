@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass
@@ -14,6 +14,8 @@ class FeedbackMetrics:
     commit_seconds: Histogram  # one store transaction (group commit)
     commit_records: Histogram  # records per store transaction
     ack_seconds: Histogram  # labels: rpc; from receiving a batch to its result
+    refused: Counter  # labels: rpc, reason (overloaded|closed|store); calls answered "retry later"
+    followers: Gauge  # PullTasks calls with follow=true waiting for new tasks
 
     @classmethod
     def create(cls) -> "FeedbackMetrics":
@@ -43,6 +45,17 @@ class FeedbackMetrics:
                 "From a batch's arrival to its results",
                 ["rpc"],
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                registry=registry,
+            ),
+            refused=Counter(
+                "hitl_feedback_refused",
+                "Calls answered with 'retry later' (RESOURCE_EXHAUSTED or UNAVAILABLE), by reason",
+                ["reason"],
+                registry=registry,
+            ),
+            followers=Gauge(
+                "hitl_feedback_pull_followers",
+                "PullTasks calls with follow=true that are open",
                 registry=registry,
             ),
         )

@@ -167,13 +167,16 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         try:
             return await self._committer.submit(records, wait=wait, blobs=blobs)
         except Overloaded as err:
+            self._metrics.refused.labels("overloaded").inc()
             context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_s * 1000))),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded ({err}); retry later")
         except CommitterClosed as err:
+            self._metrics.refused.labels("closed").inc()
             context.set_trailing_metadata((("retry-after-ms", "1000"),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except Exception as err:  # noqa: BLE001 - a store failure: nothing of this call was acked
             log.exception("store write failed")
+            self._metrics.refused.labels("store").inc()
             context.set_trailing_metadata((("retry-after-ms", "1000"),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store write failed: {type(err).__name__}; retry")
         raise AssertionError("unreachable")
@@ -295,11 +298,14 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             if not request.follow or sent >= wanted:
                 break
             if not leased:
+                self._metrics.followers.inc()
                 try:
                     await asyncio.wait_for(self._stopping.wait(), timeout=self._cfg.follow_poll_seconds)
                     break  # shutting down
                 except asyncio.TimeoutError:
                     pass
+                finally:
+                    self._metrics.followers.dec()
 
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.Stats:
         principal = await self._principal(context)

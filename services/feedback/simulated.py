@@ -1,6 +1,6 @@
 """Simulated annotators: they pull labeling tasks and submit preferences over real gRPC.
 
-Each judges by a rule (`rlhf.judges`) with its own noise rate, so an unattended
+Each judges by a rule (`rlhf.quality.judges`) with its own noise rate, so an unattended
 run has people-like feedback whose quality is known: with noise p, a judgement
 agrees with the rule with probability 1 - p/2. With `correction_rate` > 0 an
 annotator also corrects some tasks: the answer it preferred, edited by the rule
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.judges import Judge, JudgeConfig
+from rlhf.quality.judges import Judge, JudgeConfig
 from services.feedback.client import FeedbackClient
 
 _CHOICE = {"a": pb.Preference.CHOICE_A, "b": pb.Preference.CHOICE_B, "tie": pb.Preference.CHOICE_TIE}

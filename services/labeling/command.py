@@ -1,4 +1,4 @@
-"""The `hitl label` command (registered in services/cli.py)."""
+"""The `hitl label` command (registered in hitl/cli.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from services.command_line import client_options, fail
 
 _HELP = """Label tasks in this terminal, one key per judgement.
 
@@ -33,11 +35,7 @@ confidence 1-5 after each judgement (stored as 0.2-1.0).
 
 
 @click.command("label", help=_HELP)
-@click.option("--server", default="127.0.0.1:50051", show_default=True, help="Feedback service address.")
-@click.option("--token", envvar="HITL_TOKEN", default=None, help="Bearer token (or $HITL_TOKEN).")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA bundle: connect with TLS.")
-@click.option("--tls-cert", "client_cert", type=click.Path(exists=True, dir_okay=False), default=None, help="Client certificate (mutual TLS).")
-@click.option("--tls-key", "client_key", type=click.Path(exists=True, dir_okay=False), default=None, help="Client key (mutual TLS).")
+@client_options
 @click.option("--project", required=True, help="The project whose tasks to judge.")
 @click.option("--annotator-id", required=True, envvar="HITL_ANNOTATOR", help="Who judges (or $HITL_ANNOTATOR).")
 @click.option("--journal", type=click.Path(dir_okay=False), default=None,
@@ -54,8 +52,7 @@ def label(server, token, tls_ca, client_cert, client_key, project, annotator_id,
     from services.labeling.terminal import SessionOptions, run_label
 
     if (client_cert is None) != (client_key is None):
-        click.echo("error: --tls-cert and --tls-key must be given together", err=True)
-        sys.exit(2)
+        fail("--tls-cert and --tls-key must be given together")
     opts = SessionOptions(
         project=project,
         annotator_id=annotator_id,

@@ -8,28 +8,27 @@ import json
 import random
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from actors.annotator_quality import (
+from rlhf.quality import (
     AnnotatorQualityConfig,
     GoldFileError,
     QualityTracker,
     gold_count,
     judgements_of,
-    load_gold_tasks,
     mix_gold,
     rule_gold,
 )
 from actors.config import RunConfig
 from actors.coordinator import countable_feedback
-from actors.curation import curate
+from rlhf.curation.rules import curate
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.config import ConfigError, parse_config
-from rlhf.judges import Judge, JudgeConfig
+from rlhf.quality.judges import Judge, JudgeConfig
 from services.feedback.records import GoldAnswer, Task
+from services.feedback.jsonl import load_gold_tasks
 from services.feedback.store import Status, open_store
 
 PROJECT = "demo"
@@ -290,7 +289,7 @@ def test_hitl_annotators_prints_the_table_of_a_real_store(tmp_path):
     quality_store(url).close()
 
     def hitl(*args):
-        return subprocess.run([sys.executable, "-m", "services.cli", "annotators", "--store", url, *args],
+        return subprocess.run([sys.executable, "-m", "hitl.cli", "annotators", "--store", url, *args],
                               capture_output=True, text=True, timeout=120)
 
     out = hitl("--project", PROJECT)
@@ -364,6 +363,7 @@ def tiny_model(tmp_path_factory):
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_a_random_annotator_is_paused_and_the_reward_model_is_better_without_it(tmp_path, tiny_model):
     """Three careful annotators (10% coin flips) and one fast one who answers every pair by coin
     flip, over real gRPC; gold pairs catch the random one, and a tiny reward model trained on the

@@ -18,7 +18,7 @@ from tests.actors.test_loop import tiny_run_config
 
 
 def _hitl(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from services.cli import main; main()", *args]
+    return [sys.executable, "-c", "from hitl.cli import main; main()", *args]
 
 
 def _wait_for_line(proc: subprocess.Popen, wanted: str, timeout_s: float) -> list[str]:

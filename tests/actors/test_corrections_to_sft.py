@@ -10,9 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from actors.curation import curate  # noqa: E402
-from actors.curation_config import CurationConfig  # noqa: E402
-from actors.curation_memory import CurationMemory  # noqa: E402
+from rlhf.curation.rules import curate  # noqa: E402
+from rlhf.curation.config import CurationConfig  # noqa: E402
+from rlhf.curation.memory import CurationMemory  # noqa: E402
 from hitl.feedback.v1 import feedback_pb2 as pb  # noqa: E402
 from rlhf.ppo import DeepSpeedConfig, PPOConfig  # noqa: E402
 from rlhf.sft import SFTConfig, run_sft  # noqa: E402
@@ -42,6 +42,7 @@ def _correction(i: int, text: str, annotator: str = "ann", version: str = "v2") 
                              guidelines_version=version, correction=pb.Correction(candidate_id=f"t{i}-0", corrected_text=text))
 
 
+@pytest.mark.slow
 def test_corrections_in_the_store_train_the_policy(store):
     from tests.rlhf.ppo.helpers import make_trainer
 

@@ -3,7 +3,7 @@ tiny model) leaves the earlier items it reaches out of later updates, and of its
 
 from types import SimpleNamespace
 
-from actors.curation import Curated, FlaggedContent
+from rlhf.curation.rules import Curated, FlaggedContent
 from rlhf.preferences import Choice, PreferencePair, Ranking
 from tests.actors.test_loop import tiny_run_config
 
@@ -17,7 +17,7 @@ def test_flags_of_a_later_round_leave_earlier_items_out(ray_session, tmp_path):
     from actors.reward_model import RewardModelActor
 
     cfg = tiny_run_config(tmp_path)
-    actor = RewardModelActor.options(num_cpus=0.5).remote(cfg.model_dump_json())
+    actor = RewardModelActor.options(num_cpus=0.5).remote(cfg.reward_model_spec())
     first = [pair(f"prompt {i}", f"short {i}", f"a much longer answer number {i}") for i in range(6)]
     first.append(Ranking(prompt="prompt r", responses=("x", "y", "z"), ranks=(1, 2, 3), prompt_id="prompt r"))
     report = ray_session.get(actor.train.remote(first))
@@ -36,7 +36,7 @@ def test_flags_of_a_later_round_leave_earlier_items_out(ray_session, tmp_path):
     assert report == {"skipped": "no usable records", "forgotten_flagged": 1}
 
     ray_session.get(actor.save.remote(str(tmp_path / "rm")))
-    restored = RewardModelActor.options(num_cpus=0.5).remote(cfg.model_dump_json())
+    restored = RewardModelActor.options(num_cpus=0.5).remote(cfg.reward_model_spec())
     assert ray_session.get(restored.load.remote(str(tmp_path / "rm"))) == 7
     ray_session.kill(actor)
     ray_session.kill(restored)

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from itertools import repeat
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, Union
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
@@ -46,13 +46,27 @@ SCHEMA_VERSION = 2
 _IN_CHUNK = 500  # ids per IN (...) list
 _sha256 = hashlib.sha256
 
-# One record ready for `SqlStore.write_prepared` (see `SqlStore.prepare`): its Outcome when it was
-# rejected, else (project, feedback_id, kind, task_id, annotator_id, content_hash, blob, record,
-# prompt_id, refs); the first seven are the row's columns. `refs` are the candidate ids the record
-# names and `prompt_id` its prompt id, read by `plain_fields`, so that the writer checks the record
-# against its task without reading the record again; both are None when prepare did not read them
-# (the writer then runs the full `check_against_task`).
-Prepared = Any
+
+
+class PreparedRow(NamedTuple):
+    """One record ready for `SqlStore.write_prepared` (see `SqlStore.prepare`). The first seven
+    fields are the row's columns; the writer's passes over a whole group read fields by
+    position with C-level accessors (`_KEY`, `_COLUMNS`, ...), so the order is part of the type."""
+
+    project: str
+    feedback_id: str
+    kind: str
+    task_id: str
+    annotator_id: str
+    content_hash: bytearray  # sha256 of `blob`
+    blob: bytearray  # the record's stored serialisation
+    record: pb.FeedbackRecord
+    prompt_id: str | None  # read by `plain_fields`; None when prepare did not read the record's fields
+    refs: frozenset[str] | None  # the candidate ids the record names; None as prompt_id (the writer then runs check_against_task)
+
+
+_new_row = functools.partial(tuple.__new__, PreparedRow)  # PreparedRow(*fields) without its Python-level __new__
+
 _ANSWERED_CACHE_PAIRS = 100_000  # (task, annotator) pairs known answered, kept in memory at most (~20 MB)
 
 
@@ -80,6 +94,10 @@ class Outcome(NamedTuple):
     status: Status
     seq: int = 0  # store position, for ACCEPTED and DUPLICATE
     rejection: Rejection | None = None
+
+
+Prepared = Union[Outcome, PreparedRow]
+"""A record after `SqlStore.prepare`: its Outcome when it was rejected there, else its row."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +229,10 @@ def _migrations(d: Dialect) -> dict[int, list[str]]:
 class SqlStore:
     """The store over a DB-API connection per thread; see the module docstring."""
 
+    clock: Callable[[], float] = staticmethod(time.time)
+    """Seconds since the epoch: when a record is received and when a lease runs out (tests
+    replace it to move time instead of waiting)."""
+
     def __init__(self, url: str, dialect: Dialect, limits: Limits | None = None, task_cache_size: int = 100_000):
         self.url = url
         self._d = dialect
@@ -334,9 +356,9 @@ class SqlStore:
             # bytearray directly but looks for an adapter for every bytes parameter (a raised
             # and cleared AttributeError each time), which made up half of the insert's
             # binding cost.
-            append(
+            append(_new_row(
                 (project, feedback_id, kind, task_id, annotator_id, bytearray(_sha256(blob).digest()), bytearray(blob), record, prompt_id, refs)
-            )
+            ))
         return items
 
     def write_prepared(self, items: Sequence[Prepared]) -> list[Outcome]:
@@ -397,7 +419,7 @@ class SqlStore:
         tasks = self._tasks(cur, set(map(_TASK_ID, rows)))
         fit = unique and _fits_tasks(rows, tasks)
         existing = {} if optimistic and fit else self._existing(cur, keys)
-        now = time.time()
+        now = self.clock()
         copies: list[int] = []  # in-batch duplicates of a record inserted here
         in_batch: dict[tuple[str, str], int] = {}
         if fit and not existing:
@@ -408,30 +430,30 @@ class SqlStore:
             task_of = tasks.get
             for i in pending:
                 item = items[i]
-                key = item[:2]  # (project, feedback_id)
+                key = _KEY(item)  # (project, feedback_id)
                 if key in existing:
                     seq, digest = existing[key]
                     outcomes[i] = self._resend(cur, seq, digest, item)
                     continue
                 if key in in_batch:
                     first = items[in_batch[key]]
-                    if first[5] == item[5] or first[7] == item[7]:  # the same bytes, or the same record
+                    if first.content_hash == item.content_hash or first.record == item.record:  # the same bytes, or the same record
                         copies.append(i)
                     else:
                         outcomes[i] = Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
                     continue
-                task = task_of(item[3])
-                refs = item[9]
+                task = task_of(item.task_id)
+                refs = item.refs
                 # As in _fits_tasks, from the fields prepare() read; anything else goes through
                 # the full checks, which alone reject and name the field.
                 if (
                     refs is None
                     or task is None
-                    or task.project != item[0]
-                    or item[8] not in task.record_prompt_ids
+                    or task.project != item.project
+                    or item.prompt_id not in task.record_prompt_ids
                     or not task.candidate_ids.issuperset(refs)
                 ):
-                    rejection = check_against_task(item[7], task, item[2])
+                    rejection = check_against_task(item.record, task, item.kind)
                     if rejection is not None:
                         outcomes[i] = Outcome(Status.REJECTED, rejection=rejection)
                         continue
@@ -460,11 +482,11 @@ class SqlStore:
                 outcomes[i] = outcome
             # in-batch duplicates point at the stored copy
             for i in copies:
-                outcomes[i] = Outcome(Status.DUPLICATE, outcomes[in_batch[items[i][:2]]].seq)  # type: ignore[union-attr]
+                outcomes[i] = Outcome(Status.DUPLICATE, outcomes[in_batch[_KEY(items[i])]].seq)  # type: ignore[union-attr]
         self._count(cur, list(map(_COUNT_KEY, inserted)))
         return self._mark_answered(cur, list(map(_PAIR, inserted)), now)
 
-    def _resend(self, cur: Any, seq: int, stored_digest: bytes, item: Prepared) -> Outcome:
+    def _resend(self, cur: Any, seq: int, stored_digest: bytes, item: PreparedRow) -> Outcome:
         """The outcome of a record whose (project, feedback_id) is stored at `seq`: a duplicate
         when it is the stored record, else rejected.
 
@@ -473,11 +495,11 @@ class SqlStore:
         canonically while this one arrived as sent), so the stored record is read and
         compared field by field; this runs for resends only.
         """
-        if bytes(stored_digest) == item[5]:
+        if bytes(stored_digest) == item.content_hash:
             return Outcome(Status.DUPLICATE, seq=seq)
         cur.execute(self._q("SELECT record FROM feedback WHERE seq = ?"), (seq,))
         row = cur.fetchone()
-        if row is not None and pb.FeedbackRecord.FromString(bytes(row[0])) == item[7]:
+        if row is not None and pb.FeedbackRecord.FromString(bytes(row[0])) == item.record:
             return Outcome(Status.DUPLICATE, seq=seq)
         return Outcome(Status.REJECTED, rejection=Rejection("feedback_id", "already used for a different record"))
 
@@ -650,7 +672,7 @@ class SqlStore:
         self._d.begin_write(conn)
         try:
             cur = conn.cursor()
-            now = time.time()
+            now = self.clock()
             cur.execute("SELECT COALESCE(MAX(created_order), 0) FROM tasks")
             order = int(cur.fetchone()[0])
             for task in tasks:
@@ -753,7 +775,7 @@ class SqlStore:
         return leased
 
     def _lease_locked(self, cur: Any, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]:
-        now = time.time()
+        now = self.clock()
         expires = now + lease_seconds
         leased: list[LeasedTask] = []
         after = 0  # keyset paging on created_order
@@ -827,7 +849,7 @@ class SqlStore:
         )
 
 
-# C-level accessors of the prepared rows (see `Prepared`) for the passes over a whole group
+# C-level accessors of the prepared rows (`PreparedRow`'s positions) for the passes over a whole group
 _KEY = operator.itemgetter(0, 1)  # (project, feedback_id)
 _TASK_ID = operator.itemgetter(3)
 _COLUMNS = operator.itemgetter(slice(0, 7))  # the row's columns but received_at
@@ -842,7 +864,7 @@ _TASK_CANDIDATES = operator.attrgetter("candidate_ids")
 _new_outcome = functools.partial(tuple.__new__, Outcome)  # Outcome(*args) without its Python-level __new__
 
 
-def _fits_tasks(rows: Sequence[Prepared], tasks: dict[str, Task]) -> bool:
+def _fits_tasks(rows: Sequence[PreparedRow], tasks: dict[str, Task]) -> bool:
     """Whether every row passes `check_against_task`, judged from the fields prepare() read.
 
     True only when each row's task is known, of the row's project, has the row's prompt id

@@ -1,4 +1,4 @@
-"""The `hitl label-web` command (registered in services/cli.py)."""
+"""The `hitl label-web` command (registered in hitl/cli.py)."""
 
 from __future__ import annotations
 

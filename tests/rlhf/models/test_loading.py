@@ -21,6 +21,7 @@ from rlhf.models import (
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+@pytest.mark.slow
 def test_tokenizer_has_chat_template_distinct_pad_and_left_padding(tokenizer) -> None:
     text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text

@@ -150,6 +150,7 @@ def test_packed_weights_follow_a_trained_full_model(tiny_cfg: ModelConfig):
     assert all(m._inference_pack is None for m in model.modules() if isinstance(m, PackedLinear))
 
 
+@pytest.mark.slow
 def test_loaded_policies_use_packed_linears_with_tied_weights_kept(tiny_cfg: ModelConfig):
     model, _ = load_policy(tiny_cfg)
     assert type(model.get_output_embeddings()) is PackedLinear

@@ -27,6 +27,7 @@ def _rewards(trainer, steps: int) -> list[float]:
     return [trainer.step(prompts_for(i, trainer.cfg.rollout_batch_size))["reward"] for i in range(steps)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator,steps", [("gae", 20), ("grpo", 15), ("rloo", 15)])
 def test_mean_reward_rises(estimator, steps):
     trainer = make_trainer(_config(estimator))
@@ -35,6 +36,7 @@ def test_mean_reward_rises(estimator, steps):
     assert last > 1.5 * first, rewards
 
 
+@pytest.mark.slow
 def test_training_is_deterministic():
     a = make_trainer(_config("grpo", kl_coef=0.05))
     b = make_trainer(_config("grpo", kl_coef=0.05))

@@ -10,6 +10,7 @@ from tests.rlhf.ppo.helpers import launch, metric_lines
 KEYS = ("loss", "policy_loss", "value_loss", "reward", "kl", "entropy", "kl_coef", "policy_lr")
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_matches_uninterrupted_run(tmp_path):
     n, k = 4, 2
     common = ["--zero", "2", "--steps", str(n), "--critic", "separate", "--lora"]

@@ -133,6 +133,7 @@ def clean(tiny_cfg: ModelConfig) -> Learned:
     return _learn(FAST, tiny_cfg, noise=0.0)
 
 
+@pytest.mark.slow
 def test_learns_a_hidden_rule(clean: Learned) -> None:
     assert clean.report.validation_accuracy >= 0.9
     assert clean.held_out.accuracy >= 0.9
@@ -141,6 +142,7 @@ def test_learns_a_hidden_rule(clean: Learned) -> None:
     assert clean.report.train_loss[-1] < clean.report.train_loss[0]
 
 
+@pytest.mark.slow
 def test_label_noise_lowers_accuracy_gracefully(clean: Learned, tiny_cfg: ModelConfig) -> None:
     noisy = _learn(FAST, tiny_cfg, noise=0.2)
     assert 0.7 <= noisy.held_out.accuracy <= clean.held_out.accuracy  # lower, far from 0.5
@@ -148,6 +150,7 @@ def test_label_noise_lowers_accuracy_gracefully(clean: Learned, tiny_cfg: ModelC
     assert min(noisy.report.validation_loss) > min(clean.report.validation_loss)
 
 
+@pytest.mark.slow
 def test_training_is_seeded_and_deterministic(tiny_cfg: ModelConfig) -> None:
     cfg = FAST.model_copy(update={"max_epochs": 2})
     first = _learn(cfg, tiny_cfg, noise=0.1, n_pairs=64)
@@ -157,6 +160,7 @@ def test_training_is_seeded_and_deterministic(tiny_cfg: ModelConfig) -> None:
     assert first.held_out == second.held_out
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch(tiny_cfg: ModelConfig) -> None:
     torch.manual_seed(0)
     cfg = FAST.model_copy(update={"lr": 3e-2, "max_epochs": 12, "patience": 1})
@@ -168,6 +172,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_cfg: ModelConfig) -> None:
     assert report.validation_loss[report.best_epoch - 1] == best
 
 
+@pytest.mark.slow
 def test_centred_scores_and_save_load_round_trip(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = FAST.model_copy(update={"max_epochs": 2, "lora": LoraConfig(enabled=True, rank=4)})
@@ -217,6 +222,7 @@ def test_update_split_keeps_new_pairs_and_samples_earlier_ones() -> None:
     assert len(update_split(split, new, budget=100, seed=3).train) == 26
 
 
+@pytest.mark.slow
 def test_incremental_updates_train_on_a_bounded_set_and_keep_learning(tiny_cfg: ModelConfig) -> None:
     cfg = FAST.model_copy(update={"update_pairs": 60, "max_epochs": 4})
     torch.manual_seed(0)

@@ -78,6 +78,7 @@ def test_the_loss_is_the_responses_negative_log_likelihood_given_the_prompt(toke
     assert abs(all_tokens - got) > 1.0  # counting prompt tokens would have shown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sft_lowers_the_loss_and_trains_what_ppo_trains(lora):
     trainer = _trainer(lora=lora, value_head=True)

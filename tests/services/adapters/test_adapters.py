@@ -199,7 +199,7 @@ def test_cli_adapters_serve(tmp_path):
     with running_server(store_url) as srv:
         port = _free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "adapters", "serve", "--feedback", srv.address, "--port", str(port), "--argilla-secret", SECRET],
+            [sys.executable, "-m", "hitl.cli", "adapters", "serve", "--feedback", srv.address, "--port", str(port), "--argilla-secret", SECRET],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         try:

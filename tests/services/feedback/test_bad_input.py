@@ -528,6 +528,7 @@ def send_and_check(client: FeedbackClient, reader: SqlStore, items: list, rpc: s
     del stored_goods[:-200]
 
 
+@pytest.mark.slow
 def test_bad_records_in_mixed_batches_are_rejected_alone(module_store_url, reader):
     stored_goods: list[pb.FeedbackRecord] = []
     runs: list[str] = []
@@ -544,6 +545,7 @@ def test_bad_records_in_mixed_batches_are_rejected_alone(module_store_url, reade
         assert_counts_match_store(srv.address, reader)
 
 
+@pytest.mark.slow
 def test_every_kind_of_breakage_is_rejected_naming_its_field(module_store_url, reader):
     """Each example holds every breakage, so each run checks all of them."""
     stored_goods: list[pb.FeedbackRecord] = []

@@ -1,7 +1,6 @@
 """The `hitl feedback` commands, run as a user would run them."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ RECORDS = [
 
 
 def hitl(*args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=120, **kw)
+    proc = subprocess.run([sys.executable, "-m", "hitl.cli", *args], capture_output=True, text=True, timeout=120, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"hitl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -43,7 +42,7 @@ def served(tmp_path):
     hitl("feedback", "tasks", "load", str(write_jsonl(tmp_path / "tasks.jsonl", TASKS)), "--store", db)
     ready = tmp_path / "port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "feedback", "serve", "--store", db, "--port", "0", "--no-metrics", "--ready-file", str(ready)],
+        [sys.executable, "-m", "hitl.cli", "feedback", "serve", "--store", db, "--port", "0", "--no-metrics", "--ready-file", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -60,6 +59,7 @@ def served(tmp_path):
             proc.wait(30)
 
 
+@pytest.mark.slow
 def test_load_submit_stats_export(tmp_path, served):
     db, address, proc = served
     out = hitl("feedback", "submit", str(write_jsonl(tmp_path / "r.jsonl", RECORDS)), "--server", address)
@@ -84,6 +84,7 @@ def test_load_submit_stats_export(tmp_path, served):
     assert "shutting down" in proc.stdout.read()
 
 
+@pytest.mark.slow
 def test_submit_reports_rejections_by_line(tmp_path, served):
     _, address, _ = served
     bad = dict(RECORDS[0], feedback_id="bad", task_id="t9")
@@ -103,6 +104,7 @@ def test_unreadable_jsonl_names_the_line(tmp_path):
     assert out.returncode == 2 and f"{path}:1:" in out.stderr and "colour" in out.stderr
 
 
+@pytest.mark.slow
 def test_serve_config_errors_name_the_field_before_starting(tmp_path):
     out = hitl("feedback", "serve", "--port", "99999", "--store", f"sqlite:///{tmp_path / 'x.db'}", check=False)
     assert out.returncode == 2 and "port:" in out.stderr

@@ -5,6 +5,7 @@ from services.feedback.committer import GroupCommitter
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.records import Rejection
 from services.feedback.store import Outcome, Status
+from services.feedback.store.base import PreparedRow
 
 
 def _counts(metrics: FeedbackMetrics) -> dict[tuple[str, str, str], float]:
@@ -58,7 +59,7 @@ def test_an_all_accepted_group_is_counted_from_its_prepared_rows(tmp_path):
                                     ranking=pb.Ranking(entries=[pb.Ranking.Entry(candidate_id="c0", rank=1), pb.Ranking.Entry(candidate_id="c1", rank=2)]))
         records = [pref] * 4 + [corr] * 2 + [ranking]
         prepared = store.prepare(records)
-        assert all(type(item) is tuple for item in prepared)
+        assert all(type(item) is PreparedRow for item in prepared)
         outcomes = [Outcome(Status.ACCEPTED, seq=i) for i in range(len(records))]
         fast, slow = FeedbackMetrics.create(), FeedbackMetrics.create()
         GroupCommitter(store=None, writer=None, metrics=fast)._observe(records, outcomes, 0.01, prepared)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Durability: kill -9 the server in the middle of 8 streaming clients.
 
-The server runs as its own process (`python -m services.cli feedback serve`).
+The server runs as its own process (`python -m hitl.cli feedback serve`).
 Eight client processes stream records with `FeedbackClient.stream`, each
 writing every ack it receives to a file. Once some thousands of records have
 been acked, the server gets SIGKILL while commits and acks are in flight, and
@@ -139,7 +139,7 @@ def _read_acks(path: Path) -> list[tuple[str, int]]:
 class ServerProcess:
     """`hitl feedback serve` in a process of its own."""
 
-    command = [sys.executable, "-m", "services.cli"]
+    command = [sys.executable, "-m", "hitl.cli"]
 
     def __init__(self, store_url: str, workdir: Path):
         self.store_url = store_url

@@ -130,7 +130,10 @@ def test_pull_tasks_follow_sends_new_tasks(store_url):
                 got.extend(client.pull_tasks("demo", "alice", max_tasks=2, follow=True, timeout_s=20))
             reader = threading.Thread(target=pull)
             reader.start()
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while not server.server.metrics.registry.get_sample_value("hitl_feedback_pull_followers"):
+                assert time.monotonic() < deadline, "the pull never started waiting for tasks"
+                time.sleep(0.01)
             assert got == []
             publish(server, make_task("late1"), make_task("late2"))
             reader.join(20)

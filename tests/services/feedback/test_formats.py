@@ -163,6 +163,7 @@ def test_raw_jsonl_round_trip(store, tmp_path, store_url):
             copy.close()
 
 
+@pytest.mark.slow
 def test_cli_import_export(tmp_path):
     db = f"sqlite:///{tmp_path / 'a.db'}"
     out = hitl("feedback", "import", "--format", "hh-rlhf", str(HH), "--store", db, "--project", "imp", "--annotator-id", "anthropic")

@@ -26,6 +26,18 @@ def wait_pending(srv, n):
     raise AssertionError(f"pending never reached {n}")
 
 
+def metric(srv, name: str, **labels) -> float:
+    return srv.server.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:g}s")
+        time.sleep(0.01)
+
+
 def test_overloaded_unary_call_gets_a_retry_hint_and_stores_nothing(tmp_path):
     with running_server(f"sqlite:///{tmp_path / 'f.db'}", max_pending_records=10) as srv:
         srv.server.store.add_tasks([make_task()])
@@ -55,7 +67,7 @@ def test_client_retries_after_overload(tmp_path):
             wait_pending(srv, 5)
             b = threading.Thread(target=lambda: results.__setitem__("b", second.submit([preference(f"b{i}") for i in range(10)])))
             b.start()
-            time.sleep(0.3)
+            wait_for(lambda: metric(srv, "hitl_feedback_refused_total", reason="overloaded") >= 1, "a refusal")
             assert "b" not in results  # refused and waiting to retry
             release.set()
             a.join(30)
@@ -73,7 +85,7 @@ def test_stream_waits_instead_of_failing(tmp_path):
             done = {}
             t = threading.Thread(target=lambda: done.__setitem__("r", client.stream([preference(f"s{i}") for i in range(40)])))
             t.start()
-            time.sleep(0.3)
+            wait_pending(srv, 8)  # the in-flight window (2 batches of 4) is full: the server stops reading
             assert "r" not in done
             release.set()
             t.join(30)

@@ -134,7 +134,6 @@ def test_content_hash_ignores_nothing_but_order_of_map_entries():
 
 def _variants():
     """Good and bad corrections and preferences around every limit the fast path checks."""
-    from services.feedback.records import Limits as L
 
     def correction(**kw):
         return pb.FeedbackRecord(feedback_id="x", project="demo", task_id="t1", annotator_id="a",

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.judges import Judge, JudgeConfig, positivity, win_rate
+from rlhf.quality.judges import Judge, JudgeConfig, positivity, win_rate
 from services.feedback.client import FeedbackClient
 from services.feedback.records import Task
 from services.feedback.simulated import AnnotatorConfig, SimulatedAnnotator
@@ -95,7 +95,7 @@ def test_annotators_send_corrections_of_the_answer_they_prefer(server):
 
 
 def test_the_no_answer_placeholder_stands_for_an_empty_answer():
-    from rlhf.judges import NO_ANSWER, answer_text, shown_text
+    from rlhf.quality.judges import NO_ANSWER, answer_text, shown_text
 
     assert shown_text("") == shown_text("  ") == NO_ANSWER and shown_text("Hi.") == "Hi."
     assert answer_text(NO_ANSWER) == "" and answer_text("Hi.") == "Hi."
@@ -131,6 +131,7 @@ def test_think_time_spreads_tasks_across_annotators_and_counts_in_the_lead_time(
     assert len(stored) == 24 and all(r.lead_time_seconds >= 0.05 for r in stored)
 
 
+@pytest.mark.slow
 def test_an_annotator_stopped_while_thinking_submits_what_it_judged(server):
     import threading
 

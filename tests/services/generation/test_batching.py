@@ -46,6 +46,7 @@ def test_a_burst_fills_batches_up_to_the_limit():
     assert (batcher.stats.batches, batcher.stats.requests) == (2, 12)
 
 
+@pytest.mark.slow
 def test_arrivals_closer_than_the_idle_gap_share_a_batch():
     async def main():
         rec = Recorder()
@@ -78,6 +79,7 @@ def test_a_lone_request_closes_on_the_idle_gap_not_the_longest_wait():
     assert batcher.stats.closed == {"full": 0, "idle": 3, "max_wait": 0}
 
 
+@pytest.mark.slow
 def test_after_a_batch_of_n_the_next_one_waits_for_n_callers_past_the_idle_gap():
     async def main():
         rec = Recorder()

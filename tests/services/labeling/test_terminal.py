@@ -19,11 +19,22 @@ from pathlib import Path
 import pytest
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from services.feedback.config import FeedbackServiceConfig
-from services.feedback.store import open_store
 from services.labeling.journal import Journal
-from services.labeling.terminal import competition_ranks, parse_ranking, sanitize, text_width, wrap
-from tests.services.feedback.conftest import ServerThread, make_task
+from services.labeling.terminal import (
+    competition_ranks,
+    parse_ranking,
+    sanitize,
+    text_width,
+    wrap,
+)
+from tests.services.feedback.conftest import make_task
+from tests.services.labeling.conftest import (
+    by_task,
+    publish,
+    start_server,
+    stored,
+    wait_stored,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
@@ -94,56 +105,15 @@ def start_label(address: str, journal: Path, tmp_path: Path, *extra: str, editor
     env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), TERM="xterm-256color", PYTHONUNBUFFERED="1")
     if editor:
         env["EDITOR"] = editor
-    args = [sys.executable, "-m", "services.cli", "label", "--server", address, "--project", "demo", "--annotator-id", "alice",
+    args = [sys.executable, "-m", "hitl.cli", "label", "--server", address, "--project", "demo", "--annotator-id", "alice",
             "--journal", str(journal), "--flush-seconds", "3", *extra]
     return Terminal(args, env)
-
-
-def start_server(url: str, port: int = 0) -> ServerThread:
-    return ServerThread(FeedbackServiceConfig(store=url, port=port, metrics_port=None, shutdown_grace_seconds=1)).start()
-
-
-def stored(url: str) -> list[pb.FeedbackRecord]:
-    db = open_store(url)
-    try:
-        return [s.record for s in db.iter_after(0)]
-    finally:
-        db.close()
-
-
-def wait_stored(url: str, n: int, timeout: float = 20.0) -> list[pb.FeedbackRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = stored(url)
-        if len(records) >= n or time.monotonic() > deadline:
-            assert len(records) == n, f"expected {n} stored records, found {len(records)}: {[r.task_id for r in records]}"
-            return records
-        time.sleep(0.1)
-
-
-def publish(url: str, *tasks) -> None:
-    db = open_store(url)
-    try:
-        assert all(o.created for o in db.add_tasks(tasks))
-    finally:
-        db.close()
-
-
-@pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'feedback.db'}"
-
-
-def by_task(records) -> dict[str, list[pb.FeedbackRecord]]:
-    out: dict[str, list[pb.FeedbackRecord]] = {}
-    for r in records:
-        out.setdefault(r.task_id, []).append(r)
-    return out
 
 
 # -- the program in a terminal ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_single_keys_judge_tasks_into_the_store(url, tmp_path):
     publish(url, *(make_task(t) for t in ("t1", "t2", "t3", "t4")))
     srv = start_server(url)
@@ -239,6 +209,7 @@ def test_ranking_ratings_correction_and_flag(url, tmp_path):
     assert all(r.annotator_id == "alice" for r in records)
 
 
+@pytest.mark.slow
 def test_offline_judgements_are_delivered_exactly_once_after_the_server_returns(url, tmp_path):
     publish(url, *(make_task(t) for t in ("t1", "t2", "t3", "t4")))
     srv = start_server(url)
@@ -280,6 +251,7 @@ def test_offline_judgements_are_delivered_exactly_once_after_the_server_returns(
     assert set(acked) == set(made)
 
 
+@pytest.mark.slow
 def test_quitting_offline_and_restarting_delivers_the_unacked(url, tmp_path):
     publish(url, *(make_task(t) for t in ("t1", "t2", "t3")))
     journal = tmp_path / "journal.jsonl"

@@ -28,49 +28,22 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from services.feedback.config import FeedbackServiceConfig
-from services.feedback.store import open_store
 from services.labeling.web.app import load_static, make_app, make_client
-from services.labeling.web.config import ConfigError, Guidelines, LabelWebConfig, load_web_config, resolve_guidelines
-from tests.services.feedback.conftest import ServerThread, make_task
+from services.labeling.web.config import (
+    ConfigError,
+    Guidelines,
+    LabelWebConfig,
+    load_web_config,
+    resolve_guidelines,
+)
+from tests.services.feedback.conftest import make_task
+from tests.services.labeling.conftest import publish, start_server, stored
 
 ROOT = Path(__file__).resolve().parents[3]
 STATIC = ROOT / "services" / "labeling" / "web" / "static"
 
 
 # -- the pieces the browser tests share ----------------------------------------------------
-
-
-def start_server(url: str, port: int = 0) -> ServerThread:
-    """A real feedback gRPC server on the store at `url`."""
-    return ServerThread(FeedbackServiceConfig(store=url, port=port, metrics_port=None, shutdown_grace_seconds=1)).start()
-
-
-def publish(url: str, *tasks) -> None:
-    db = open_store(url)
-    try:
-        assert all(o.created for o in db.add_tasks(tasks))
-    finally:
-        db.close()
-
-
-def stored(url: str) -> list[pb.FeedbackRecord]:
-    db = open_store(url)
-    try:
-        return [s.record for s in db.iter_after(0)]
-    finally:
-        db.close()
-
-
-def wait_stored(url: str, n: int, timeout: float = 30.0) -> list[pb.FeedbackRecord]:
-    """Wait until `n` records are stored; fail if a different number is there at the end."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = stored(url)
-        if len(records) >= n or time.monotonic() > deadline:
-            assert len(records) == n, f"expected {n} stored records, found {len(records)}: {[r.task_id for r in records]}"
-            return records
-        time.sleep(0.1)
 
 
 class WebFront:
@@ -109,11 +82,6 @@ class WebFront:
 
 def web_config(address: str, **values) -> LabelWebConfig:
     return LabelWebConfig(server=address, project="demo", port=0, **values)
-
-
-@pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'feedback.db'}"
 
 
 # -- an HTTP client with cookies ------------------------------------------------------------------
@@ -329,13 +297,13 @@ def test_the_command_serves_the_page(tmp_path, url):
     env.pop("HITL_TOKEN", None)
     bad = tmp_path / "bad.yaml"
     bad.write_text("project: demo\nprefetch: 0\n")
-    done = subprocess.run([sys.executable, "-m", "services.cli", "label-web", "--config", str(bad)],
+    done = subprocess.run([sys.executable, "-m", "hitl.cli", "label-web", "--config", str(bad)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "prefetch" in done.stderr
 
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "label-web", "--server", "127.0.0.1:1", "--project", "demo",
+        [sys.executable, "-m", "hitl.cli", "label-web", "--server", "127.0.0.1:1", "--project", "demo",
          "--port", str(port), "--guidelines-version", "g-1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -22,7 +22,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 from tests.services.feedback.conftest import make_task
-from tests.services.labeling.test_web_http import WebFront, publish, start_server, stored, wait_stored, web_config
+from tests.services.labeling.conftest import (
+    by_task,
+    publish,
+    start_server,
+    stored,
+    wait_stored,
+)
+from tests.services.labeling.test_web_http import WebFront, web_config
 
 # the page's outbox in localStorage (one key per annotator), read and put back as it was
 OUTBOX = """
@@ -34,6 +41,8 @@ OUTBOX_RESTORE = "localStorage.setItem(arguments[0][0], arguments[0][1]);"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 30.0
+
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +112,6 @@ class Page:
 
     def display_order(self) -> list[str]:
         return [card.get_attribute("data-candidate-id") for card in self.driver.find_elements(By.CSS_SELECTOR, "#candidates .candidate")]
-
-
-@pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'feedback.db'}"
-
-
-def by_task(records) -> dict[str, list[pb.FeedbackRecord]]:
-    out: dict[str, list[pb.FeedbackRecord]] = {}
-    for r in records:
-        out.setdefault(r.task_id, []).append(r)
-    return out
 
 
 def test_sign_in_then_a_click_and_keys_judge_tasks_into_the_store(browser, url):

@@ -4,17 +4,17 @@ Curation here: records judging flagged content are set aside (a flag on a
 candidate removes that candidate's pairs; a flag on the prompt removes the
 task), preferences become `PreferencePair`s and rankings `Ranking`s with the
 task's texts resolved, and each outcome is counted so a round can report what
-it used and what it left out. Annotator quality (`actors/annotator_quality.py`)
+it used and what it left out. Annotator quality (`rlhf/quality/tracker.py`)
 comes in as two optional inputs: per-annotator weights that multiply each item's
 weight, and a set of paused annotators whose judgements are set aside.
 
-With a `CurationConfig` and a `CurationMemory` (`actors/curation_memory.py`):
+With a `CurationConfig` and a `CurationMemory` (`rlhf/curation/memory.py`):
 judgements under guidelines older than `min_guidelines_version` are set aside;
 flags hold across rounds and are counted by category (`flag/harmful`, ...; an
 item they remove counts as `dropped/flagged_<category>`); a preference between
 duplicate responses is dropped and a ranking loses its repeated responses;
 items that duplicate one kept earlier in the round, or used in an earlier round,
-are dropped (`rlhf/dedup.py`). Corrections become `Demonstration`s for the SFT
+are dropped (`rlhf/curation/dedup.py`). Corrections become `Demonstration`s for the SFT
 step when `max_demonstrations` > 0. Every record gets exactly one outcome in
 `counts`.
 """
@@ -25,14 +25,14 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Iterable, Mapping
 
-from actors.curation_config import CurationConfig
-from actors.curation_memory import CurationMemory
+from rlhf.curation.config import CurationConfig
+from rlhf.curation.memory import CurationMemory
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.dedup import Fingerprint, normalise
-from rlhf.judges import answer_text
+from rlhf.curation.dedup import Fingerprint, normalise
+from rlhf.quality.judges import answer_text
 from rlhf.preferences import Choice, PreferencePair, Ranking
 from rlhf.sft.data import Demonstration
-from services.feedback.records import StoredRecord, Task
+from rlhf.records import StoredRecord, Task
 
 _CHOICES = {
     pb.Preference.CHOICE_A: Choice.A,

@@ -13,9 +13,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from actors.curation_config import CurationConfig
+from rlhf.curation.config import CurationConfig
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.dedup import DuplicateIndex, Fingerprint
+from rlhf.curation.dedup import DuplicateIndex, Fingerprint
 
 FLAG_KINDS = {
     pb.Flag.KIND_HARMFUL: "harmful",

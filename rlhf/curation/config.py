@@ -30,13 +30,13 @@ def version_key(version: str) -> tuple[int, ...] | None:
 
 
 class CurationConfig(BaseModel):
-    """What curation removes before training (`actors/curation.py`)."""
+    """What curation removes before training (`rlhf/curation/rules.py`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dedup: bool = True
     """Remove exact and near duplicates: of an item kept earlier in the round, or used in an
-    earlier round of the run (`rlhf/dedup.py`)."""
+    earlier round of the run (`rlhf/curation/dedup.py`)."""
 
     near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
     """Two texts are near duplicates when the estimated Jaccard similarity of their word

@@ -1,94 +1,29 @@
-"""The `hitl` command.
+"""`hitl feedback …`: the feedback ingestion service and its data.
 
     hitl feedback serve [--store URL] [--port N] [--tokens FILE] [--tls-cert C --tls-key K [--tls-client-ca CA]]
     hitl feedback submit FILE.jsonl [--server ADDR] [--token T] [--stream]
     hitl feedback tasks load FILE.jsonl [--store URL]
     hitl feedback export --format hh-rlhf|ultrafeedback|jsonl|tasks-jsonl [--store URL] [--project P] [--output FILE]
     hitl feedback import --format hh-rlhf|ultrafeedback|jsonl|tasks-jsonl FILE [--store URL] [--project P] [--annotator-id A] [--tasks FILE]
-    hitl adapters serve --feedback ADDR [--token T] [--port N] [--argilla-secret S]
     hitl feedback stats [--server ADDR] [--token T] [--project P]
-    hitl label --project P --annotator-id ME [--server ADDR] [--token T] [--journal FILE]
-    hitl annotators [--store URL] [--project P] [--min-gold N] [--pause-below X] [--json]
-    hitl label-web --project P [--server ADDR] [--token T] [--port N] [--config FILE]
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
+from services.command_line import client_options, fail, make_client
 from services.feedback.config import DEFAULT_STORE, ConfigError, build_config
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
-def main(verbose: bool) -> None:
-    """hitl: human-in-the-loop RLHF on Ray."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-@main.command()
-@click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
-@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Continue the stopped run in this directory (its config.json is used).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Where reports and checkpoints go (default: coordinator.run_dir).")
-@click.option("--rounds", type=click.IntRange(1), default=None, help="Override coordinator.rounds.")
-def run(config: str | None, resume_dir: str | None, run_dir: str | None, rounds: int | None) -> None:
-    """Run the loop: rounds of feedback, reward model, PPO and serving."""
-    from actors.config import RunConfig
-    from actors.coordinator import Coordinator
-    from rlhf.config import ConfigError as RunConfigError
-    from rlhf.config import load_config
-
-    if (config is None) == (resume_dir is None):
-        _fail("give a CONFIG file or --resume RUN_DIR (one of them)")
-    try:
-        path = Path(resume_dir) / "config.json" if resume_dir else Path(config)
-        cfg = load_config(path, RunConfig)
-        if rounds is not None:
-            cfg = RunConfig.model_validate({**cfg.model_dump(), "coordinator": {**cfg.coordinator.model_dump(), "rounds": rounds}})
-    except (RunConfigError, FileNotFoundError) as err:
-        _fail(str(err))
-    directory = Path(resume_dir or run_dir or cfg.coordinator.run_dir)
-    reports = Coordinator(cfg, directory, resume=resume_dir is not None).run()
-    final = reports[-1] if reports else None
-    if final is not None:
-        click.echo(json.dumps({"run_dir": str(directory), "rounds": len(reports), "win_rate": final.win_rate, "kl": final.kl, "reward": final.reward}))
-
-
-@main.group()
 def feedback() -> None:
     """The feedback ingestion service and its data."""
-
-
-def _client_options(fn):
-    fn = click.option("--server", "server", default="127.0.0.1:50051", show_default=True, help="Service address.")(fn)
-    fn = click.option("--token", envvar="HITL_TOKEN", default=None, help="Bearer token (or $HITL_TOKEN).")(fn)
-    fn = click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA bundle: connect with TLS.")(fn)
-    fn = click.option("--tls-cert", "client_cert", type=click.Path(exists=True, dir_okay=False), default=None, help="Client certificate (mutual TLS).")(fn)
-    fn = click.option("--tls-key", "client_key", type=click.Path(exists=True, dir_okay=False), default=None, help="Client key (mutual TLS).")(fn)
-    return fn
-
-
-def _client(server: str, token: str | None, tls_ca: str | None, client_cert: str | None, client_key: str | None):
-    from services.feedback.client import FeedbackClient
-
-    if (client_cert is None) != (client_key is None):
-        _fail("--tls-cert and --tls-key must be given together")
-    return FeedbackClient(server, token, root_certificates=tls_ca, client_cert=client_cert, client_key=client_key)
 
 
 @feedback.command()
@@ -114,12 +49,12 @@ def serve(no_metrics: bool, ready_file: str | None, **options) -> None:
             cfg = cfg.model_copy(update={"metrics_port": None})
         asyncio.run(serve_forever(cfg, Path(ready_file) if ready_file else None))
     except (ConfigError, TokensFileError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @feedback.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@_client_options
+@client_options
 @click.option("--stream/--unary", default=True, show_default=True, help="StreamFeedback (resumable) or SubmitFeedback calls.")
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=200, show_default=True)
 def submit(path: str, server: str, token: str | None, tls_ca, client_cert, client_key, stream: bool, batch_size: int) -> None:
@@ -131,13 +66,13 @@ def submit(path: str, server: str, token: str | None, tls_ca, client_cert, clien
     try:
         records = list(read_records(Path(path)))
     except JsonlError as err:
-        _fail(str(err))
-    with _client(server, token, tls_ca, client_cert, client_key) as client:
+        fail(str(err))
+    with make_client(server, token, tls_ca, client_cert, client_key) as client:
         client.batch_size = batch_size
         try:
             results = client.stream(records).results if stream else client.submit(records)
         except FeedbackClientError as err:
-            _fail(str(err))
+            fail(str(err))
     for line, result in enumerate(results, start=1):
         if result.status == pb.RecordResult.STATUS_REJECTED:
             click.echo(f"{path}:{line}: rejected {result.feedback_id!r}: {result.field}: {result.reason}", err=True)
@@ -163,7 +98,7 @@ def tasks_load(path: str, store: str) -> None:
     try:
         loaded = list(read_tasks(Path(path)))
     except JsonlError as err:
-        _fail(str(err))
+        fail(str(err))
     db = open_store(store)
     try:
         outcomes = db.add_tasks(loaded)
@@ -213,9 +148,9 @@ def import_(fmt: str, path: str, store: str, project: str | None, annotator_id: 
 
     raw = fmt in ("jsonl", "tasks-jsonl")
     if raw and annotator_id is not None:
-        _fail(f"--annotator-id does not apply to --format {fmt} (records name their annotators)")
+        fail(f"--annotator-id does not apply to --format {fmt} (records name their annotators)")
     if tasks_path is not None and fmt != "jsonl":
-        _fail("--tasks goes with --format jsonl")
+        fail("--tasks goes with --format jsonl")
     db = open_store(store)
     try:
         reports = []
@@ -226,7 +161,7 @@ def import_(fmt: str, path: str, store: str, project: str | None, annotator_id: 
         else:
             reports.append(import_file(db, fmt, Path(path), project=project or "default", annotator_id=annotator_id))
     except FormatError as err:
-        _fail(str(err))
+        fail(str(err))
     finally:
         db.close()
     summary: dict[str, int] = {}
@@ -241,7 +176,7 @@ def import_(fmt: str, path: str, store: str, project: str | None, annotator_id: 
 
 
 @feedback.command()
-@_client_options
+@client_options
 @click.option("--project", default="", help="One project (default: every project in scope).")
 def stats(server: str, token: str | None, tls_ca, client_cert, client_key, project: str) -> None:
     """Print record counts and the watermark as JSON."""
@@ -249,58 +184,9 @@ def stats(server: str, token: str | None, tls_ca, client_cert, client_key, proje
 
     from services.feedback.client import FeedbackClientError
 
-    with _client(server, token, tls_ca, client_cert, client_key) as client:
+    with make_client(server, token, tls_ca, client_cert, client_key) as client:
         try:
             reply = client.stats(project)
         except FeedbackClientError as err:
-            _fail(str(err))
+            fail(str(err))
     click.echo(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
-
-
-from actors.annotators_command import annotators  # noqa: E402
-from services.labeling.command import label  # noqa: E402
-from services.labeling.web.command import label_web  # noqa: E402
-
-main.add_command(annotators)
-main.add_command(label)
-main.add_command(label_web)
-
-
-@main.group()
-def adapters() -> None:
-    """Receivers for the webhooks of labeling tools (Argilla, Label Studio)."""
-
-
-@adapters.command("serve")
-@click.option("--feedback", "feedback_addr", default="127.0.0.1:50051", show_default=True, help="Feedback service address.")
-@click.option("--token", envvar="HITL_TOKEN", default=None, help="Bearer token for the feedback service (or $HITL_TOKEN).")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA bundle: reach the service with TLS.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
-@click.option("--port", type=int, default=8088, show_default=True, help="HTTP port.")
-@click.option("--project", default="default", show_default=True, help="Project of records whose payload names none.")
-@click.option("--argilla-secret", envvar="HITL_ARGILLA_SECRET", default=None, help="Argilla webhook secret (whsec_...): verify signatures.")
-@click.option("--label-studio-token", envvar="HITL_LABEL_STUDIO_TOKEN", default=None, help="Require 'Authorization: Token T' on Label Studio webhooks.")
-def adapters_serve(feedback_addr: str, token: str | None, tls_ca: str | None, host: str, port: int, project: str,
-                   argilla_secret: str | None, label_studio_token: str | None) -> None:
-    """Serve POST /argilla and POST /label-studio until SIGINT/SIGTERM."""
-    from aiohttp import web
-
-    from services.adapters.app import make_app
-    from services.feedback.client import Backoff, FeedbackClient
-
-    if not argilla_secret:
-        logging.getLogger("hitl.adapters").warning("no --argilla-secret: Argilla webhook signatures are not checked")
-    # Argilla waits 20 s for an answer and then retries: give up on the service before that
-    client = FeedbackClient(feedback_addr, token, root_certificates=tls_ca, timeout_s=10.0, backoff=Backoff(give_up_after_s=15.0))
-    try:
-        app = make_app(client, project=project, argilla_secret=argilla_secret, label_studio_token=label_studio_token)
-    except ValueError as err:
-        _fail(str(err))
-    try:
-        web.run_app(app, host=host, port=port, print=lambda msg: click.echo(msg, err=True))
-    finally:
-        client.close()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection (rlhf/dedup.py): normalisation, MinHash estimates, LSH
+"""Exact and near-duplicate detection (rlhf/curation/dedup.py): normalisation, MinHash estimates, LSH
 banding, item matching within scopes, persistence, and the work a lookup does."""
 
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from rlhf.dedup import DuplicateIndex, MinHasher, jaccard, lsh_shape, normalise, shingles
+from rlhf.curation.dedup import DuplicateIndex, MinHasher, jaccard, lsh_shape, normalise, shingles
 
 WORDS = ("apple river stone cloud bread lamp music garden window paper tiger honey silver "
          "forest candle mirror rocket pencil ocean violin marble desert kettle planet").split()

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from rlhf.quality import Judgement, QualityConfig, alpha_by_kind, annotator_report, krippendorff_alpha
+from rlhf.quality.figures import Judgement, QualityConfig, alpha_by_kind, annotator_report, krippendorff_alpha
 
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", the worked example:
 # 4 observers, 12 units, values 1-5, missing entries None.

@@ -1,13 +1,13 @@
-"""Curation before training (actors/curation.py, no Ray): one outcome per record, flags by
+"""Curation before training (rlhf/curation/rules.py, no Ray): one outcome per record, flags by
 category and across rounds, guideline versions, duplicates within and across rounds,
 corrections as demonstrations, and the config's errors."""
 
 import pytest
 
 from actors.config import RunConfig
-from actors.curation import curate
-from actors.curation_config import CurationConfig, version_key
-from actors.curation_memory import CurationMemory
+from rlhf.curation.rules import curate
+from rlhf.curation.config import CurationConfig, version_key
+from rlhf.curation.memory import CurationMemory
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.config import ConfigError, parse_config
 from rlhf.preferences import Ranking
@@ -190,7 +190,7 @@ def test_config_errors_name_the_dotted_field(section, field, message):
 
 
 def test_an_empty_answer_shown_as_the_placeholder_trains_as_the_empty_text():
-    from rlhf.judges import NO_ANSWER, Judge, JudgeConfig
+    from rlhf.quality.judges import NO_ANSWER, Judge, JudgeConfig
 
     empty = task("t0", "Say something about parks.", LONG_B, NO_ANSWER)
     rec = Records()
@@ -202,7 +202,7 @@ def test_an_empty_answer_shown_as_the_placeholder_trains_as_the_empty_text():
 
 
 def test_a_late_flag_reaches_the_items_of_earlier_rounds():
-    from actors.curation import FlaggedContent, without_flagged
+    from rlhf.curation.rules import FlaggedContent, without_flagged
     from rlhf.preferences import Choice, PreferencePair
 
     memory = CurationMemory(CurationConfig())

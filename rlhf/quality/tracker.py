@@ -1,7 +1,7 @@
 """Annotator quality in the loop: gold tasks in each round, quality per round and overall,
 annotator weights and pausing for curation, and the table `hitl annotators` prints.
 
-The figures themselves are `rlhf.quality`'s (Krippendorff's alpha, agreement with the
+The figures themselves are `rlhf.quality.figures`'s (Krippendorff's alpha, agreement with the
 consensus and with gold, position bias, lead-time outliers, weights, pausing); this module
 turns stored records into its `Judgement`s, keeps the running total over a run, and decides
 what a round applies:
@@ -11,89 +11,26 @@ what a round applies:
 * annotators in `paused` (gold accuracy under the threshold over at least `min_gold` gold
   answers) have their judgements kept in the store but left out of training, counted.
 
-Gold tasks: a share `gold_rate` of each round's tasks carries a known answer. From a JSONL
-file of gold tasks (`gold_tasks`), a gold pair is republished under the id of the round task
-it replaces, its candidates in a seeded random order, with the policy version of the
-replaced task's candidates and without metadata: nothing in what annotators receive tells a
-gold task from the others. Without a file, for unattended runs with simulated annotators,
-a round task whose two policy answers the noise-free rule separates by more than
-`simulated_gold_margin` becomes a gold task with the rule's answer: the simulation's stand-in
-for an operator's gold set.
+Gold tasks are mixed in by `rlhf.quality.gold`.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
 from hitl.feedback.v1 import feedback_pb2 as pb
-from rlhf.judges import Judge
-from rlhf.quality import AnnotatorQuality, Judgement, QualityConfig, alpha_by_kind, annotator_report
-from services.feedback.jsonl import JsonlError, read_tasks
-from services.feedback.records import GoldAnswer, StoredRecord, Task
+from rlhf.quality.config import AnnotatorQualityConfig
+from rlhf.quality.figures import AnnotatorQuality, Judgement, QualityConfig, alpha_by_kind, annotator_report
+from rlhf.quality.gold import mix_gold
+from rlhf.quality.judges import Judge
+from rlhf.records import GoldAnswer, StoredRecord, Task
 
 TIE: tuple[str] = ("tie",)
 BOTH_BAD: tuple[str] = ("both_bad",)
 TRAINED_KINDS = ("preference", "ranking")  # the kinds curation turns into training items
-
-
-class AnnotatorQualityConfig(BaseModel):
-    """Gold tasks, annotator quality figures, and what they do to training."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    gold_rate: float = Field(0.0, ge=0.0, le=1.0)
-    """Share of each round's tasks that are gold tasks (at least one when > 0)."""
-    gold_tasks: Path | None = None
-    """JSONL file of gold tasks (`hitl feedback tasks load` format, each line with `gold`);
-    None: gold pairs made from policy answers the simulated annotators' rule clearly separates."""
-    simulated_gold_margin: float = Field(0.5, gt=0.0)
-    """Without `gold_tasks`: smallest score difference (in the rule's units) between a task's two
-    answers under the noise-free rule for the task to serve as a gold pair."""
-    seed: int = Field(0, ge=0)
-    """Seed of where gold tasks sit among a round's tasks and of their candidates' order."""
-    min_gold: int = Field(5, ge=1)
-    """Gold answers an annotator needs before gold accuracy sets the weight and may pause."""
-    pause_below_gold_accuracy: float = Field(0.6, ge=0.0, le=1.0)
-    """Annotators whose gold accuracy is below this (over at least `min_gold`) are paused."""
-    min_consensus: int = Field(5, ge=1)
-    """Without enough gold: units with a majority among the other annotators needed before
-    agreement with that majority sets the weight (fewer: weight 1)."""
-    position_bias_z: float = Field(3.0, gt=0.0)
-    """|z| of the rate of choosing the answer shown first beyond which it is reported as biased."""
-    lead_time_z: float = Field(3.0, gt=0.0)
-    """Robust |z| of an annotator's median lead time beyond which it is reported as an outlier."""
-    apply_weights: bool = True
-    """Multiply each annotator's item weights by their quality weight (2·accuracy − 1)."""
-    pause: bool = True
-    """Leave paused annotators' judgements out of training."""
-
-    @field_validator("gold_tasks")
-    @classmethod
-    def _needs_a_rate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("gold_rate") == 0.0:
-            raise ValueError("given, but gold_rate is 0: no gold task would be published")
-        return value
-
-    def thresholds(self) -> QualityConfig:
-        """The figures' thresholds, as `rlhf.quality` takes them."""
-        return QualityConfig(
-            min_gold=self.min_gold,
-            min_consensus=self.min_consensus,
-            pause_below_gold_accuracy=self.pause_below_gold_accuracy,
-            lead_time_z=self.lead_time_z,
-            position_bias_z=self.position_bias_z,
-        )
-
-
-class GoldFileError(ValueError):
-    """A gold tasks file that cannot be used; the message names the file, line and field."""
 
 
 # --------------------------------------------------------------------------- records -> judgements
@@ -221,93 +158,6 @@ def store_summary(store: Any, projects: Iterable[str] | None, cfg: AnnotatorQual
     return summarize(judgements, store.gold_answers(names), cfg.thresholds())
 
 
-# --------------------------------------------------------------------------- gold tasks
-
-
-def gold_count(rate: float, tasks: int) -> int:
-    """Gold tasks among a round's tasks: rate × tasks, rounded, at least one when rate > 0."""
-    if rate <= 0.0 or tasks == 0:
-        return 0
-    return min(tasks, max(1, round(rate * tasks)))
-
-
-def load_gold_tasks(path: Path) -> list[Task]:
-    """The gold pairs of a JSONL file of tasks; every line needs `gold` and exactly 2 candidates."""
-    try:
-        tasks = list(read_tasks(Path(path)))
-    except (JsonlError, OSError) as err:
-        raise GoldFileError(f"gold tasks file: {err}") from None
-    for number, task in enumerate(tasks, start=1):
-        if task.gold is None:
-            raise GoldFileError(f"{path}: task {number} ({task.task_id!r}): gold: required in a gold tasks file")
-        if len(task.candidates) != 2:
-            raise GoldFileError(f"{path}: task {number} ({task.task_id!r}): candidates: a gold pair needs exactly 2, got {len(task.candidates)}")
-        if not task.gold.is_tie and task.gold.better not in task.candidate_ids:
-            raise GoldFileError(f"{path}: task {number} ({task.task_id!r}): gold.better: unknown candidate {task.gold.better!r}")
-    if not tasks:
-        raise GoldFileError(f"{path}: no gold tasks")
-    return tasks
-
-
-def gold_from_file(slot: Task, gold: Task, rng: random.Random, prompt_id: Callable[[str], str]) -> Task:
-    """`gold` republished in place of the round task `slot`: the slot's ids, annotations wanted
-    and policy version, the gold pair's texts in a random order, no metadata."""
-    order = [0, 1]
-    rng.shuffle(order)
-    version = slot.candidates[0].policy_version if slot.candidates else 0
-    candidates = []
-    better = None
-    for j, source_index in enumerate(order):
-        source = gold.candidates[source_index]
-        candidate_id = f"{slot.task_id}-{j}"
-        candidates.append(pb.Candidate(candidate_id=candidate_id, text=source.text, policy_version=version))
-        if gold.gold is not None and source.candidate_id == gold.gold.better:
-            better = candidate_id
-    return Task(
-        task_id=slot.task_id, project=slot.project, prompt_id=prompt_id(gold.prompt), prompt=gold.prompt,
-        candidates=tuple(candidates), annotations_wanted=slot.annotations_wanted, gold=GoldAnswer(better),
-    )
-
-
-def rule_gold(task: Task, judge: Judge, margin: float) -> GoldAnswer | None:
-    """The noise-free rule's answer for a pair it separates by more than `margin`, else None."""
-    if len(task.candidates) != 2:
-        return None
-    a, b = task.candidates
-    gap = judge.score(task.prompt, a.text) - judge.score(task.prompt, b.text)
-    if abs(gap) <= max(margin, judge.cfg.tie_margin):
-        return None
-    return GoldAnswer(a.candidate_id if gap > 0 else b.candidate_id)
-
-
-def mix_gold(
-    tasks: Sequence[Task],
-    round_index: int,
-    cfg: AnnotatorQualityConfig,
-    pool: Sequence[Task],
-    judge: Judge | None,
-    prompt_id: Callable[[str], str],
-) -> list[Task]:
-    """The round's tasks with `gold_count(...)` of them gold (see the module docstring).
-    Deterministic for (cfg.seed, round_index)."""
-    out = list(tasks)
-    n = gold_count(cfg.gold_rate, len(out))
-    if n == 0:
-        return out
-    rng = random.Random(f"hitl-gold:{cfg.seed}:{round_index}")
-    if pool:
-        for j, position in enumerate(sorted(rng.sample(range(len(out)), n))):
-            out[position] = gold_from_file(out[position], pool[(round_index * n + j) % len(pool)], rng, prompt_id)
-        return out
-    if judge is None:
-        raise ValueError("coordinator.quality.gold_tasks: required when no simulated annotator's rule can make gold pairs")
-    answers = {i: rule_gold(t, judge, cfg.simulated_gold_margin) for i, t in enumerate(out)}
-    separable = [i for i, answer in answers.items() if answer is not None]
-    for position in rng.sample(separable, min(n, len(separable))):
-        out[position] = replace(out[position], gold=answers[position])
-    return out
-
-
 # --------------------------------------------------------------------------- the loop's tracker
 
 
@@ -330,13 +180,13 @@ class QualityTracker:
     """
 
     def __init__(self, cfg: AnnotatorQualityConfig, store: Any, project: str, judge: Judge | None,
-                 prompt_id: Callable[[str], str]):
+                 prompt_id: Callable[[str], str], pool: Sequence[Task] = ()):
         self.cfg = cfg
         self.store = store
         self.project = project
         self.judge = judge
         self.prompt_id = prompt_id
-        self.pool = load_gold_tasks(cfg.gold_tasks) if cfg.gold_tasks is not None and cfg.gold_rate > 0 else []
+        self.pool = list(pool) if cfg.gold_rate > 0 else []  # gold pairs (`load_gold_tasks` reads a file of them)
         self._seen: list[tuple[int, Judgement]] = []  # (seq, judgement), in seq order
         self._mark = 0  # every record with seq <= mark is in _seen
         self._gold_published: dict[int, int] = {}

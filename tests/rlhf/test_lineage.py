@@ -1,11 +1,11 @@
-"""Lineage records (actors/lineage.py, no Ray): stable hashes, the reward model's id chain,
+"""Lineage records (rlhf/lineage.py, no Ray): stable hashes, the reward model's id chain,
 and the policy-version file with what trained it."""
 
 import json
 
 from actors.config import RunConfig
-from actors.curation import Curated
-from actors.lineage import chain, digest, forget_in_reward_model, next_reward_model, policy_lineage, republished_lineage, write_lineage
+from rlhf.curation.rules import Curated
+from rlhf.lineage import chain, digest, forget_in_reward_model, next_reward_model, policy_lineage, republished_lineage, write_lineage
 from rlhf.preferences import Choice, PreferencePair
 from rlhf.sft import Demonstration
 

@@ -22,7 +22,9 @@ from services.feedback.config import DEFAULT_STORE
               help="Continue the stopped run in this directory (its config.json is used).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Where reports and checkpoints go (default: coordinator.run_dir).")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Override coordinator.rounds.")
-def run(config: str | None, resume_dir: str | None, run_dir: str | None, rounds: int | None) -> None:
+@click.option("--resume-if-present", is_flag=True,
+              help="With CONFIG: when its run directory already holds a run, continue that run instead (a job that is retried).")
+def run(config: str | None, resume_dir: str | None, run_dir: str | None, rounds: int | None, resume_if_present: bool) -> None:
     """Run the loop: rounds of feedback, reward model, PPO and serving."""
     from actors.config import RunConfig
     from actors.coordinator import Coordinator
@@ -31,6 +33,14 @@ def run(config: str | None, resume_dir: str | None, run_dir: str | None, rounds:
 
     if (config is None) == (resume_dir is None):
         fail("give a CONFIG file or --resume RUN_DIR (one of them)")
+    if resume_if_present and config is not None:
+        try:
+            target = Path(run_dir) if run_dir else load_config(Path(config), RunConfig).coordinator.run_dir
+        except RunConfigError as err:
+            fail(str(err))
+        if (target / "config.json").exists():
+            click.echo(f"{target}: a run is there; continuing it (--resume-if-present)", err=True)
+            config, resume_dir = None, str(target)
     try:
         path = Path(resume_dir) / "config.json" if resume_dir else Path(config)
         cfg = load_config(path, RunConfig)
@@ -39,7 +49,10 @@ def run(config: str | None, resume_dir: str | None, run_dir: str | None, rounds:
     except (RunConfigError, FileNotFoundError) as err:
         fail(str(err))
     directory = Path(resume_dir or run_dir or cfg.coordinator.run_dir)
-    reports = Coordinator(cfg, directory, resume=resume_dir is not None).run()
+    try:
+        reports = Coordinator(cfg, directory, resume=resume_dir is not None).run()
+    except RunConfigError as err:  # what only the cluster shows (e.g. a node-local store on several nodes)
+        fail(str(err))
     final = reports[-1] if reports else None
     if final is not None:
         click.echo(json.dumps({"run_dir": str(directory), "rounds": len(reports), "win_rate": final.win_rate, "kl": final.kl, "reward": final.reward}))

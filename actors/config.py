@@ -44,6 +44,13 @@ class RoleResources(BaseModel):
     it reserves while the others wait."""
 
 
+class RewardModelResources(RoleResources):
+    """The reward model: `replicas` copies that score concurrently (one of them trains)."""
+
+    replicas: int = Field(1, ge=1)
+    """Reward-model replicas; a trainer rank's batch of rollouts is split over all of them."""
+
+
 class TrainerGroupConfig(RoleResources):
     """The PPO trainer group: N workers, one torch.distributed group."""
 
@@ -67,11 +74,15 @@ class ClusterConfig(BaseModel):
     namespace: str = "hitl"
     """Ray namespace of the run's named actors."""
     trainer: TrainerGroupConfig = Field(default_factory=TrainerGroupConfig)
-    reward_model: RoleResources = Field(default_factory=RoleResources)
+    reward_model: RewardModelResources = Field(default_factory=RewardModelResources)
     coordinator: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
     feedback: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
     colocate_reward_with_trainer: bool = False
     """Put the reward model in the trainer group's placement group (same nodes)."""
+    simulate_gpus: bool = False
+    """The GPUs that nodes declare are labels for placement only and every role computes on the
+    CPU: for tests on a simulated cluster (`ray.cluster_utils.Cluster` with fake GPUs). Off, a
+    role given GPUs that torch cannot see fails at once (rlhf/devices.py)."""
 
 
 class FeedbackSection(BaseModel):
@@ -124,11 +135,21 @@ class CoordinatorConfig(BaseModel):
     task_temperature: float = Field(1.0, ge=0.0)
     """Sampling temperature of the two answers of a labeling task."""
     max_recoveries: int = Field(3, ge=0)
-    """Rounds restarted from the last checkpoint after a lost actor, before the run gives up."""
+    """Rounds restarted from the last checkpoint after a lost actor, a lost node or a timeout,
+    before the run gives up."""
+    call_timeout_s: float = Field(1800.0, gt=0)
+    """Longest wait for any remote call on the training path (a PPO iteration, an SFT step, a
+    reward-model update, a checkpoint, a weight push, a batch of generations); past it the
+    round is restarted from the last checkpoint."""
     quality: AnnotatorQualityConfig = Field(default_factory=AnnotatorQualityConfig)
     """Gold tasks (`gold_rate`, `gold_tasks`), annotator weights and pausing (rlhf/quality/tracker.py)."""
     run_dir: Path = Path("runs/latest")
-    """Where reports, plots and checkpoints go."""
+    """Where reports, plots and (unless `storage` says otherwise) checkpoints go."""
+    storage: str | None = None
+    """Where checkpoints go (rlhf/storage.py): None is `<run_dir>/checkpoints`; a path must be
+    on a filesystem every node mounts when the run spans nodes (the runs volume, ReadWriteMany);
+    a URI (s3://, gs://, hdfs://, abfs://, file://) goes through pyarrow.fs: each process
+    uploads its own files, so no shared disk is needed."""
     progress: bool = True
     """Show a live progress line."""
 
@@ -152,10 +173,11 @@ class RewardModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    simulate_gpus: bool = False
     reward: RewardConfig
     policy_model: ModelConfig
     """The policy's model: the reward model's backbone unless `reward` names its own."""
-    resources: RoleResources
+    resources: RewardModelResources
 
 
 class TrainerSpec(BaseModel):
@@ -163,6 +185,7 @@ class TrainerSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    simulate_gpus: bool = False
     model: ModelConfig
     lora: LoraConfig
     critic: CriticConfig
@@ -184,11 +207,12 @@ class RunConfig(RLHFConfig):
     """What curation removes before training: duplicates, old guideline versions (flags always)."""
 
     def reward_model_spec(self) -> RewardModelSpec:
-        return RewardModelSpec(reward=self.reward, policy_model=self.model, resources=self.cluster.reward_model)
+        return RewardModelSpec(reward=self.reward, policy_model=self.model, resources=self.cluster.reward_model,
+                               simulate_gpus=self.cluster.simulate_gpus)
 
     def trainer_spec(self) -> TrainerSpec:
         return TrainerSpec(model=self.model, lora=self.lora, critic=self.critic, ppo=self.ppo, deepspeed=self.deepspeed,
-                           sft=self.sft, group=self.cluster.trainer)
+                           sft=self.sft, group=self.cluster.trainer, simulate_gpus=self.cluster.simulate_gpus)
 
     @model_validator(mode="after")
     def _check_run(self) -> "RunConfig":

@@ -11,8 +11,9 @@ One round, top-down (each step a method below):
   pushed version gets a lineage file (rlhf/lineage.py) that its round report names.
 
 Ray enters at: [1] `ray.init` (local cluster or an address), [2] the feedback service
-actor, [3] the generation server (Ray Serve), [4] the reward-model actor, [5] the PPO
-trainer group (placement group, torch.distributed), [6] weight broadcast.
+actor, [3] the engine group (generation: tasks, rollouts, evaluation) and its Serve ingress,
+[4] the reward-model actor, [5] the PPO trainer group (placement group, torch.distributed),
+[6] the weight-sync group from trainer rank 0 to the engines.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -43,9 +43,14 @@ from rlhf.lineage import (
 from rlhf.prompts import load_prompts, split_prompts
 from rlhf.quality import TRAINED_KINDS, QualityTracker
 from rlhf.quality.judges import Judge, shown_text, win_rate
+from rlhf.storage import CheckpointStorage
 from services.feedback.records import Task
 
 log = logging.getLogger(__name__)
+
+class NoFeedback(RuntimeError):
+    """Nobody judged anything for twice `coordinator.feedback_timeout_s` (not a fault a restart mends)."""
+
 
 STAGES = ("publish", "feedback", "curate", "reward_model", "sft", "ppo", "push_weights", "evaluate", "checkpoint")
 
@@ -127,7 +132,9 @@ class Coordinator:
         self._annotators: list = []
         self._feedback_complete_at: float | None = None
         self._round_quality: dict[str, Any] = {}
+        self.recoveries: list[dict[str, Any]] = []  # each restart from a checkpoint: round, error
         self.curation_memory = CurationMemory(cfg.curation)  # flags and used items of the checkpointed rounds
+        self.storage = CheckpointStorage(cfg.coordinator.storage or self.run_dir / "checkpoints")
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -148,35 +155,71 @@ class Coordinator:
 
     def _rounds(self) -> list[RoundReport]:
         """Run the remaining rounds; a lost actor restarts the round from the last checkpoint."""
-        import ray
 
         reports: list[RoundReport] = []
         failures = 0
         while self.state.next_round < self.cfg.coordinator.rounds:
             try:
                 reports.append(self.round(self.state.next_round))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            except Exception as err:  # noqa: BLE001 - only the faults below are recovered from
+                if not recoverable(err):
+                    raise
                 failures += 1
                 if failures > self.cfg.coordinator.max_recoveries:
                     raise
-                log.warning("round %d lost an actor (%s); recovering from the last checkpoint", self.state.next_round, err)
+                log.warning("round %d lost an actor, a node or a call's deadline (%s: %s); recovering from the last checkpoint",
+                            self.state.next_round, type(err).__name__, err)
                 self.progress.update(stage="recovering")
+                self.recoveries.append({"round": self.state.next_round, "error": f"{type(err).__name__}: {err}"[:500]})
                 self._recover()
         return reports
 
     def _recover(self) -> None:
-        """Replace the trainer group and the reward model, then restore the last checkpoint."""
+        """Replace the compute roles (engines, reward model, trainer group) on the nodes there
+        are now, form the sync group again, then restore the last checkpoint."""
+        self._stop_compute()
+        self._start_compute()
+        self._restore()
+
+    def _start_compute(self) -> None:
+        """[3] the engine group and its HTTP ingress, [4] the reward model, [5] the trainer
+        group (rollouts on the engines), [6] the weight-sync group between them."""
+        from actors.reward_model import RewardModelGroup
+        from actors.trainer_group import PPOTrainerGroup
+        from services.generation.server import start_engines, start_generation_server
+
+        c, g = self.cfg.cluster, self.cfg.generation
+        self.engines = start_engines(self.cfg.model, self.cfg.lora, g, self.placement.engine_options(g), c.simulate_gpus)  # [3]
+        self.generation = start_generation_server(self.cfg.model, self.cfg.lora, g, http=True, engines=self.engines)
+        self.reward_model = RewardModelGroup.start(self.cfg.reward_model_spec(), self.placement.reward_model_options(),
+                                                   self.cfg.coordinator.call_timeout_s)  # [4]
+        self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model, self.engines)  # [5]
+        if g.weight_sync == "group":
+            self._form_sync_group()  # [6]
+
+    def _form_sync_group(self) -> None:
+        """Trainer rank 0 and every engine join one torch.distributed group (rlhf/sync.py)."""
         import ray
 
-        from actors.reward_model import RewardModelActor
-        from actors.trainer_group import PPOTrainerGroup
+        g = self.cfg.generation
+        backend = g.sync_backend
+        if backend == "auto":
+            backend = "nccl" if g.num_gpus > 0 and not self.cfg.cluster.simulate_gpus else "gloo"
+        host, port = self.trainers.sync_address()
+        layout = ray.get(self.engines.engines[0].weight_layout.remote(), timeout=self.cfg.coordinator.call_timeout_s)
+        refs = self.engines.join_sync(host, port, backend) + self.trainers.join_sync(host, port, 1 + len(self.engines), backend, layout)
+        ray.get(refs, timeout=self.cfg.coordinator.call_timeout_s)
 
-        self.trainers.shutdown()
-        ray.kill(self.reward_model)
-        self.placement.release()
-        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.reward_model_spec())
-        self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model)
-        self._restore()
+    def _stop_compute(self) -> None:
+        """Give up the compute roles (best effort: some may be gone with their node)."""
+        from ray import serve
+
+        for stop in (lambda: self.trainers.shutdown(), lambda: self.reward_model.shutdown(),
+                     lambda: serve.delete("hitl-generation"), lambda: self.engines.shutdown(), self.placement.release):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - a role already gone is fine
+                log.debug("stopping a role", exc_info=True)
 
     def _prepare_run_dir(self) -> None:
         if self.resume:
@@ -202,9 +245,7 @@ class Coordinator:
     def _start(self) -> None:
         import ray
 
-        from actors.placement import Placement
-        from actors.reward_model import RewardModelActor
-        from actors.trainer_group import PPOTrainerGroup
+        from actors.placement import Placement, check_cluster_gpus, check_store_reach
         from services.feedback.jsonl import load_gold_tasks
         from services.feedback.store import open_store
 
@@ -214,12 +255,13 @@ class Coordinator:
             ray.init(address=c.address, num_cpus=None if joining else c.num_cpus, namespace=c.namespace,
                      include_dashboard=False if not joining else None, log_to_driver=False)
         self.placement = Placement(c)
+        check_store_reach(self.cfg.feedback.service.store, sum(1 for n in ray.nodes() if n["Alive"]),
+                          self.cfg.feedback.mode == "embedded")
+        check_cluster_gpus(self.cfg, ray.cluster_resources().get("GPU", 0.0))
         self.progress.update(round=f"0/{self.cfg.coordinator.rounds}", stage="starting")
         self.store = open_store(self.cfg.feedback.service.store)
         self.feedback_address = self._start_feedback()  # [2]
-        self.generation = self._start_generation()  # [3]
-        self.reward_model = RewardModelActor.options(**self.placement.reward_model_options()).remote(self.cfg.reward_model_spec())  # [4]
-        self.trainers = PPOTrainerGroup(self.cfg, self.placement, self.reward_model)  # [5]
+        self._start_compute()  # [3]-[6]
         prompts = load_prompts(self.cfg.data)
         split = split_prompts(prompts, self.cfg.data.validation_fraction, self.cfg.data.split_seed)
         self.train_prompts = list(split.train)
@@ -240,11 +282,6 @@ class Coordinator:
         import ray
 
         return ray.get(self.feedback_actor.start.remote(f.service.model_dump_json()))
-
-    def _start_generation(self):
-        from services.generation.server import start_generation_server
-
-        return start_generation_server(self.cfg.model, self.cfg.lora, self.cfg.generation, http=True)
 
     def _start_annotators(self) -> None:
         if not self.cfg.annotators.enabled:
@@ -268,13 +305,14 @@ class Coordinator:
             from ray import serve
 
             if hasattr(self, "trainers"):
-                self.trainers.shutdown()
+                self._stop_compute()
             if hasattr(self, "feedback_actor"):
                 ray.get(self.feedback_actor.stop.remote(), timeout=30)
             serve.delete("hitl-generation")
-            from services.generation.server import get_broadcaster
+            if self.cfg.generation.weight_sync == "object_store":
+                from services.generation.server import get_broadcaster
 
-            ray.kill(get_broadcaster())  # the next run's versions start afresh
+                ray.kill(get_broadcaster())  # the next run's versions start afresh
             self.placement.release()
         except Exception:  # noqa: BLE001 - best effort at exit
             log.exception("shutdown")
@@ -365,11 +403,8 @@ class Coordinator:
         return len(tasks)
 
     def _generate(self, requests: list) -> list:
-        size = self.cfg.generation.max_batch_size
-        out = []
-        for start in range(0, len(requests), size):
-            out.extend(self.generation.generate_many.remote(requests[start : start + size]).result())
-        return out
+        """Answers of the engine group, batches of `max_batch_size` spread over every engine."""
+        return self.engines.generate_many(requests, self.cfg.generation.max_batch_size)
 
     def wait_for_feedback(self) -> list:
         c = self.cfg.coordinator
@@ -387,7 +422,7 @@ class Coordinator:
                 self._feedback_complete_at = useful[min(len(useful), c.min_feedback_per_round) - 1].received_at
                 return records
             if time.monotonic() > deadline + c.feedback_timeout_s:
-                raise TimeoutError(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
+                raise NoFeedback(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
             time.sleep(0.2)
 
     def _paused_annotators(self) -> frozenset[str]:
@@ -434,12 +469,10 @@ class Coordinator:
     def update_reward_model(self, curated: Curated) -> dict:
         """Train the reward model on the round's items, after leaving out the earlier items that
         the round's flags reach (a flag may come rounds after what it flags was used)."""
-        import ray
-
         if not curated.items:
-            forgotten = ray.get(self.reward_model.forget.remote(curated.flagged)) if curated.flagged else 0
+            forgotten = self.reward_model.forget(curated.flagged) if curated.flagged else 0
             return {"skipped": "no usable records", "forgotten_flagged": forgotten}
-        return ray.get(self.reward_model.train.remote(curated.items, curated.flagged))
+        return self.reward_model.train(curated.items, curated.flagged)
 
     def ppo_iterations(self, r: int, rm_report: dict | None = None) -> list[dict[str, float]]:
         """The round's PPO iterations; none while the reward model's held-out accuracy is under
@@ -462,20 +495,26 @@ class Coordinator:
         return metrics
 
     def push_weights(self) -> float:
+        """The trainers' weights to every engine as the next policy version; returns the seconds
+        until all of them serve it."""
+        self.state.policy_version += 1
+        return self._publish(self.state.policy_version)
+
+    def _publish(self, version: int) -> float:
+        if self.cfg.generation.weight_sync == "group":  # trainer rank 0 -> engines, never through here
+            return self.trainers.push_weights(version)
         from services.generation.server import publish_weights
 
         exported = self.trainers.export_weights()
-        self.state.policy_version += 1
-        return publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
+        return publish_weights(version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas,
+                               timeout_s=self.cfg.coordinator.call_timeout_s)
 
     def _first_answer_at(self, version: int) -> float:
-        """Wall-clock time at which the generation server first answers with `version`."""
-        from services.generation.engine import GenerateRequest
-
-        while True:
-            result = self.generation.generate.remote(GenerateRequest(prompt="Hi", max_new_tokens=1)).result()
-            if result.policy_version >= version:
-                return time.time()
+        """Wall-clock time at which every engine serves `version`."""
+        served = self.engines.wait_version(version, self.cfg.coordinator.call_timeout_s)
+        if min(served) < version:
+            raise TimeoutError(f"engines serve versions {served}, not {version}, after {self.cfg.coordinator.call_timeout_s:g}s")
+        return time.time()
 
     def _eval_answers(self) -> list[str]:
         from services.generation.engine import GenerateRequest
@@ -495,35 +534,33 @@ class Coordinator:
 
     # -- checkpoints and reports ------------------------------------------------------
 
-    def checkpoint(self, r: int) -> Path:
-        import ray
-
-        final = self.run_dir / "checkpoints" / f"round-{r:04d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.trainers.save_checkpoint(str(tmp / "trainer"))
-        ray.get(self.reward_model.save.remote(str(tmp / "reward_model")))
-        (tmp / "state.json").write_text(json.dumps(asdict(self.state), indent=2))
-        self.curation_memory.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a checkpoint is whole or absent
-        (self.run_dir / "checkpoints" / "LATEST").write_text(final.name + "\n")
-        return final
+    def checkpoint(self, r: int) -> str:
+        """Trainer ranks, the served policy, the reward model and the run state into
+        `round-NNNN` of the checkpoint storage, then the `LATEST` pointer: a checkpoint is whole
+        or never read."""
+        name = f"round-{r:04d}"
+        s = self.storage
+        s.delete(name)  # what a lost attempt at this round left
+        self.trainers.save_checkpoint(s, f"{name}/trainer")
+        self.trainers.save_policy(s, f"{name}/policy", self.state.policy_version)  # what a server on its own loads
+        self.reward_model.save(s, f"{name}/reward_model")
+        with s.writing(f"{name}/run") as local:
+            (Path(local) / "state.json").write_text(json.dumps(asdict(self.state), indent=2))
+            self.curation_memory.save(Path(local))
+        s.write_text("LATEST", name + "\n")
+        return s.location(name)
 
     def _restore(self) -> None:
-        import ray
-
-        from services.generation.server import publish_weights
-
-        latest = self.run_dir / "checkpoints" / "LATEST"
-        if latest.exists():
-            ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
-            self.state = RunState(**json.loads((ckpt / "state.json").read_text()))
-            self.curation_memory = CurationMemory.load(ckpt, self.cfg.curation)
-            self.trainers.load_checkpoint(str(ckpt / "trainer"))
-            ray.get(self.reward_model.load.remote(str(ckpt / "reward_model")))
-            log.info("restored %s: next round %d, watermark %d", ckpt, self.state.next_round, self.state.watermark)
+        name = (self.storage.read_text("LATEST") or "").strip()
+        if name:
+            run_rel = f"{name}/run" if self.storage.read_text(f"{name}/run/state.json") is not None else name  # older layout
+            with self.storage.reading(run_rel) as local:
+                self.state = RunState(**json.loads((Path(local) / "state.json").read_text()))
+                self.curation_memory = CurationMemory.load(Path(local), self.cfg.curation)
+            self.trainers.load_checkpoint(self.storage, f"{name}/trainer")
+            self.reward_model.load(self.storage, f"{name}/reward_model")
+            log.info("restored %s: next round %d, watermark %d", self.storage.location(name), self.state.next_round,
+                     self.state.watermark)
         else:  # nothing checkpointed yet: start over, keeping the initial answers
             initial = self.state.initial_eval_answers
             self.state = RunState(initial_eval_answers=initial, watermark=self.identity["start_watermark"])
@@ -532,13 +569,12 @@ class Coordinator:
                 self._initial_eval()
         # serve exactly the restored weights: under the checkpoint's version when the server is
         # behind it (a fresh start), under a newer one when it served a lost round's weights
-        served = self.generation.policy_version.remote().result()
+        served = max(self.engines.policy_versions())
         if served != self.state.policy_version:
-            exported = self.trainers.export_weights()
             if served > self.state.policy_version:
                 restored, self.state.policy_version = self.state.policy_version, served + 1
                 write_lineage(self.run_dir, republished_lineage(self.run_dir, self.state.policy_version, restored))
-            publish_weights(self.state.policy_version, exported["tensors"], exported["adapters_only"], self.cfg.generation.replicas)
+            self._publish(self.state.policy_version)
 
     def _write_reports(self) -> None:
         reports_dir = self.run_dir / "reports"
@@ -558,3 +594,28 @@ def _prompt_id(prompt: str) -> str:
     import hashlib
 
     return "p-" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def recoverable(err: BaseException) -> bool:
+    """Whether a round that raised `err` can be restarted from the last checkpoint: an actor
+    or its node was lost, a call passed its deadline, or the weight-sync group broke (a member
+    died mid-push). A bug in a stage is not: it would fail the same way again."""
+    import ray
+    import torch.distributed as dist
+
+    from rlhf.sync import SyncGroupError
+
+    infrastructure = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError,
+                      ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                      TimeoutError, SyncGroupError, dist.DistError)
+    if "DeviceError" in str(err):  # a role given GPUs that torch cannot see: it would fail again
+        return False
+    seen = err
+    for _ in range(8):  # a task's error wraps its cause (RayTaskError(cause))
+        if isinstance(seen, infrastructure):
+            return True
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None or cause is seen:
+            return False
+        seen = cause
+    return False

@@ -1,22 +1,27 @@
 """The PPO trainer group: N Ray actors, one torch.distributed group, a DeepSpeed engine each.
 
-    group = PPOTrainerGroup(run_cfg, placement, reward_model_actor)   # [1] actors in a placement group
+    group = PPOTrainerGroup(run_cfg, placement, reward_model_group, engines)   # [1] actors in a placement group
     metrics = group.step(prompts)                                     # [2] one PPO iteration on all ranks
-    version_tensors = group.export_weights()                          # [3] adapters (LoRA) or full state dict
+    group.join_sync(host, port, world, backend, layout)               # [3] rank 0 joins the weight-sync group
+    group.push_weights(version)                                       #     and pushes a version to the engines
+    version_tensors = group.export_weights()                          #     (or hands the tensors to the caller)
     report = group.sft(demonstrations)                                # SFT on corrections, all ranks (rlhf.sft)
-    group.save_checkpoint(path); group.load_checkpoint(path)          # [4] collective
+    group.save_checkpoint(storage, rel); group.load_checkpoint(storage, rel)   # [4] collective (rlhf/storage.py)
 
 [1] Rank 0 reports its node IP and a free port; every worker then joins the
     process group through the usual env vars (MASTER_ADDR/PORT, RANK,
     WORLD_SIZE), gloo on CPU and NCCL on GPU, and builds its `PPOTrainer`.
-[2] Every rank receives the same global prompt list and takes its share.
-    Rewards come from the reward-model actor (scored in batches).
-[3] Under ZeRO-3 the parameters are gathered on every rank (a collective),
-    rank 0 returns them.
+[2] Every rank receives the same global prompt list and takes its share. Its rollouts
+    come from the engine group (`services.generation.engines.EngineGroup.rollout`, every
+    engine at once; trainers never generate under ZeRO), its rewards from the reward model.
+[3] Adapters under LoRA, else the full state dict; under ZeRO-3 the parameters are gathered
+    on every rank (a collective) and rank 0 sends them over the sync group (`rlhf/sync.py`)
+    in the engines' layout, or returns them. Every call waits at most `call_timeout_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
@@ -43,15 +48,16 @@ class PPOWorker:
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, reward_actor, backend: str) -> int:
-        """Join the process group and build the trainer; collective across the group."""
-
+    def setup(self, master_addr: str, master_port: int, reward_model, backend: str, engines=None) -> int:
+        """Join the process group and build the trainer; collective across the group. With
+        `engines`, rollouts are sampled there."""
+        from rlhf.devices import role_device
         from rlhf.models import build_critic, load_policy
         from rlhf.ppo.trainer import PPOTrainer, init_distributed
         from rlhf.threads import set_torch_threads
 
         cfg = self.spec
-        gpu = bool(ray.get_gpu_ids())
+        gpu = role_device(len(ray.get_gpu_ids()), cfg.simulate_gpus).type == "cuda"
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -67,11 +73,39 @@ class PPOWorker:
         critic = build_critic(cfg.critic, policy, cfg.model, tokenizer) if cfg.ppo.uses_critic else None
 
         def reward_fn(prompts: list[str], responses: list[str]):
-            return ray.get(reward_actor.score.remote(prompts, responses))
+            return reward_model.score(prompts, responses)
 
-        self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic)
+        rollout_fn = engines.rollout if engines is not None else None
+        self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic, rollout_fn=rollout_fn)
         self.sft_cfg = cfg.sft
+        self.sync = None
         return self.rank
+
+    # -- the weight-sync group ------------------------------------------------------------
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where rank 0 will host the sync group's store."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def join_sync(self, host: str, port: int, world: int, backend: str, layout, timeout_s: float) -> None:
+        """Rank 0 joins the sync group (as its rank 0); the other ranks have nothing to join."""
+        from rlhf.sync import SyncGroup
+
+        if self.rank == 0:
+            self.sync = SyncGroup.join(host, port, 0, world, layout, backend, timeout_s, "hitl-sync", self.trainer.dist.device)
+
+    def push_weights(self, version: int) -> float:
+        """Send `version` to the engines over the sync group (collective over the trainer ranks:
+        ZeRO-3 gathers); rank 0 returns the seconds until every engine applied it."""
+        import time
+
+        if self.rank == 0 and self.sync is None:
+            raise RuntimeError("push_weights before join_sync")
+        started = time.perf_counter()
+        with self._update_tensors() as tensors:  # live parameters: packed straight into the sync buffers
+            if self.rank == 0:
+                self.sync.send(version, tensors)
+        return time.perf_counter() - started if self.rank == 0 else 0.0
 
     def sft(self, demonstrations: list) -> dict[str, Any]:
         """The SFT step on this rank's engine (collective: every rank gets the same list)."""
@@ -85,52 +119,71 @@ class PPOWorker:
         return self.trainer.step(prompts)
 
     def export_weights(self) -> dict[str, Any] | None:
-        """Adapters under LoRA, else the full state dict; gathered under ZeRO-3; rank 0 returns them."""
+        """Adapters under LoRA, else the full state dict; gathered under ZeRO-3; rank 0 returns
+        float32 copies of them."""
         import torch
 
+        with self._update_tensors() as tensors:
+            if self.rank != 0:
+                return None
+            copies = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in tensors.items()}
+        return {"tensors": copies, "adapters_only": self.trainer.is_peft}
+
+    @contextlib.contextmanager
+    def _update_tensors(self):
+        """The tensors a weight update carries, by the names the engines use: the LoRA adapters
+        (peft's state-dict names) or the full state dict. Live views of the parameters, valid
+        inside the block; under ZeRO-3 with several ranks they are gathered for its duration
+        (a collective: every rank enters the block)."""
         trainer = self.trainer
         policy = trainer.policy
         lora = trainer.is_peft
-        if lora:
-            names = {n for n, _ in policy.named_parameters() if "lora_" in n}
-        else:
-            names = {n for n, _ in policy.named_parameters()}
-        params = [p for n, p in policy.named_parameters() if n in names]
+        gather = contextlib.nullcontext()
         if trainer.ds_cfg.zero_stage == 3 and trainer.dist.world_size > 1:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                tensors = self._collect(policy, lora)
-        else:
-            tensors = self._collect(policy, lora)
-        if self.rank != 0:
-            return None
-        return {"tensors": {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}, "adapters_only": lora}
+            params = [p for n, p in policy.named_parameters() if not lora or "lora_" in n]
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            if lora:
+                from peft import get_peft_model_state_dict
 
-    @staticmethod
-    def _collect(policy, lora: bool) -> dict:
-        if lora:
-            from peft import get_peft_model_state_dict
+                yield dict(get_peft_model_state_dict(policy))
+            else:
+                yield dict(policy.state_dict())
 
-            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(policy).items()}
-        return {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
+    def save_policy(self, storage, rel: str, version: int) -> None:
+        """The served policy's tensors (adapters or full weights) at `rel`, written by rank 0
+        (collective: ZeRO-3 gathers); a generation server on its own loads them."""
+        from rlhf.storage import write_policy
 
-    def save_checkpoint(self, directory: str) -> None:
-        self.trainer.save_checkpoint(directory)
+        with self._update_tensors() as tensors:
+            if self.rank == 0:
+                write_policy(storage, rel, version, tensors, self.trainer.is_peft)
 
-    def load_checkpoint(self, directory: str) -> int:
-        self.trainer.load_checkpoint(directory)
+    def save_checkpoint(self, storage, rel: str) -> None:
+        """This rank's files into `rel` of the checkpoint storage (rlhf/storage.py)."""
+        with storage.writing(rel) as local:
+            self.trainer.save_checkpoint(local)
+
+    def load_checkpoint(self, storage, rel: str) -> int:
+        with storage.reading(rel) as local:
+            self.trainer.load_checkpoint(local)
         return self.trainer.iteration
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def rollout_version(self) -> int | None:
+        return self.trainer.last_rollout_version
+
 
 class PPOTrainerGroup:
     """Drives the workers; every method is collective over the group."""
 
-    def __init__(self, cfg, placement, reward_actor, setup_timeout_s: float = 600.0):
+    def __init__(self, cfg, placement, reward_model, engines=None, setup_timeout_s: float = 600.0):
         self.cfg = cfg
+        self.timeout_s = cfg.coordinator.call_timeout_s
         n = cfg.cluster.trainer.workers
         spec = cfg.trainer_spec()
         self.workers = [
@@ -138,28 +191,49 @@ class PPOTrainerGroup:
         ]
         master_addr, master_port = ray.get(self.workers[0].address.remote(), timeout=setup_timeout_s)
         ray.get(
-            [w.setup.remote(master_addr, master_port, reward_actor, cfg.cluster.trainer.backend) for w in self.workers],
+            [w.setup.remote(master_addr, master_port, reward_model, cfg.cluster.trainer.backend, engines) for w in self.workers],
             timeout=setup_timeout_s,
         )
 
+    def _all(self, refs: list) -> list:
+        return ray.get(refs, timeout=self.timeout_s)
+
     def step(self, prompts: list[str]) -> dict[str, float]:
-        return ray.get([w.step.remote(prompts) for w in self.workers])[0]
+        return self._all([w.step.remote(prompts) for w in self.workers])[0]
 
     def export_weights(self) -> dict[str, Any]:
-        return ray.get([w.export_weights.remote() for w in self.workers])[0]
+        return self._all([w.export_weights.remote() for w in self.workers])[0]
+
+    def sync_address(self) -> tuple[str, int]:
+        return ray.get(self.workers[0].sync_address.remote(), timeout=self.timeout_s)
+
+    def join_sync(self, host: str, port: int, world: int, backend: str, layout, timeout_s: float = 300.0) -> list:
+        """Start rank 0's join; the caller waits on these refs together with the engines'."""
+        return [self.workers[0].join_sync.remote(host, port, world, backend, layout, timeout_s)]
+
+    def push_weights(self, version: int) -> float:
+        """`version` to every engine over the sync group; seconds until all of them serve it."""
+        return self._all([w.push_weights.remote(version) for w in self.workers])[0]
 
     def sft(self, demonstrations: list) -> dict[str, Any]:
         """Supervised fine-tuning on demonstrations on every rank's engine; rank 0's report."""
-        return ray.get([w.sft.remote(demonstrations) for w in self.workers])[0]
+        return self._all([w.sft.remote(demonstrations) for w in self.workers])[0]
 
-    def save_checkpoint(self, directory: str) -> None:
-        ray.get([w.save_checkpoint.remote(directory) for w in self.workers])
+    def save_checkpoint(self, storage, rel: str) -> None:
+        self._all([w.save_checkpoint.remote(storage, rel) for w in self.workers])
 
-    def load_checkpoint(self, directory: str) -> int:
-        return ray.get([w.load_checkpoint.remote(directory) for w in self.workers])[0]
+    def save_policy(self, storage, rel: str, version: int) -> None:
+        self._all([w.save_policy.remote(storage, rel, version) for w in self.workers])
+
+    def load_checkpoint(self, storage, rel: str) -> int:
+        return self._all([w.load_checkpoint.remote(storage, rel) for w in self.workers])[0]
 
     def nodes(self) -> list[str]:
-        return ray.get([w.node.remote() for w in self.workers])
+        return self._all([w.node.remote() for w in self.workers])
+
+    def rollout_versions(self) -> list[int | None]:
+        """The engine version that sampled each rank's last rollouts."""
+        return self._all([w.rollout_version.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

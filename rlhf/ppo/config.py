@@ -127,6 +127,15 @@ class PPOConfig(BaseModel):
     seed: int = Field(0, ge=0)
     """Seed of everything random: initialisation, sampling (per sample), minibatch order."""
 
+    behaviour_correction: Literal["none", "truncated_is"] = "truncated_is"
+    """How samples drawn by another policy than the trainer's at rollout time (a generation
+    engine, a version behind or another kernel) are corrected: ``truncated_is`` weights each
+    token's policy loss by min(pi_old / mu, `behaviour_is_cap`); ``none`` trains on them as
+    if the trainer had drawn them."""
+
+    behaviour_is_cap: float = Field(2.0, ge=1.0)
+    """Largest importance weight of ``truncated_is``."""
+
     @model_validator(mode="after")
     def _check_consistency(self) -> PPOConfig:
         if self.advantage_estimator in ("grpo", "rloo") and self.group_size < 2:

@@ -11,6 +11,7 @@ it); with ``None`` they reduce locally. That keeps the math testable on one CPU 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -353,9 +354,14 @@ def policy_loss(
     mask: Tensor,
     clip_range: float,
     normalizer: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
 ) -> PolicyLossOut:
     """Clipped surrogate: mean over tokens of max(-A * r, -A * clip(r, 1-eps, 1+eps)),
     r = exp(log pi - log pi_old). All inputs (B, T).
+
+    ``is_weights`` (B, T), when given, multiply each token's loss: the importance weights
+    pi_old / mu of samples drawn by a behaviour policy mu other than pi_old (see
+    `truncated_is_weights`); they carry no gradient.
 
     The token losses are summed and divided by ``normalizer`` (default: the number of tokens
     in ``mask``). Passing the token count of the whole minibatch over all ranks makes the
@@ -368,12 +374,27 @@ def policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().float()
     denom = mask_f.sum().clamp(min=1.0) if normalizer is None else normalizer
     loss = (per_token * mask_f).sum() / denom
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask_f)
         approx_kl = masked_mean(ratio - 1.0 - log_ratio, mask_f)
     return PolicyLossOut(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
+
+
+def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Per-token importance weights min(pi_old / mu, cap), (B, T), 0 on padding.
+
+    mu is the behaviour policy that sampled the tokens (a generation engine, perhaps a version
+    behind, perhaps another kernel), pi_old the trainer's policy at rollout time. Truncation
+    (Espeholt et al. 2018, IMPALA's V-trace; the "TIS" of verl and OpenRLHF) bounds the
+    variance a stale or numerically different sampler adds; tokens the trainer finds far more
+    likely than the sampler did count at most ``cap`` times.
+    """
+    log_w = (old_logprobs.float() - behaviour_logprobs.float()).clamp(max=math.log(cap))
+    return log_w.exp() * mask.to(torch.float32)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class Experience:
     advantages: Tensor  # (B, T) A_t (whitened when configured), 0 on padding
     returns: Tensor  # (B, T) R_t: critic targets for GAE; the outcome reward for GRPO/RLOO
     values: Tensor | None = None  # (B, T) V(s_t) of the critic at rollout time; None without a critic
+    behaviour_logprobs: Tensor | None = None  # (B, T) log mu(a_t|s_t) of the sampler that drew the tokens
 
     def __post_init__(self) -> None:
         B, T = self.action_mask.shape

@@ -63,6 +63,7 @@ class SeededSampler:
         self.uniforms = uniforms
         self.prompt_length = prompt_length
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.logprobs: list[Tensor] = []  # per step, (B,): log softmax(logits / T) of the drawn token
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         step = input_ids.shape[1] - self.prompt_length
@@ -72,8 +73,17 @@ class SeededSampler:
         token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
         # never land on a token of probability 0 (possible at the edge of the cdf)
         token = torch.where(probs.gather(-1, token) > 0, token, probs.argmax(-1, keepdim=True))
+        # the behaviour log-prob as the trainer computes it (temperature, no top-k/top-p cut)
+        self.logprobs.append(logprobs_from_logits(scores.unsqueeze(1), token, self.temperature)[:, 0])
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, token, 0.0)
+
+    def behaviour_logprobs(self, steps: int) -> Tensor:
+        """(B, steps) log-probs of the drawn tokens (0 past the steps taken)."""
+        taken = torch.stack(self.logprobs, 1) if self.logprobs else torch.zeros(self.uniforms.shape[0], 0)
+        if taken.shape[1] < steps:
+            taken = torch.cat([taken, taken.new_zeros(taken.shape[0], steps - taken.shape[1])], 1)
+        return taken[:, :steps]
 
 
 @dataclass
@@ -83,6 +93,7 @@ class Generation:
     sequences: Tensor  # (B, P+T) long: left-padded prompt ++ right-padded response
     attention_mask: Tensor  # (B, P+T) long: 1 on prompt tokens and response tokens up to EOS
     action_mask: Tensor  # (B, T) float: 1 on response tokens up to and including the first EOS
+    behaviour_logprobs: Tensor | None = None  # (B, T) log mu(a_t|s_t) of the sampler, 0 on padding
 
     @property
     def prompt_length(self) -> int:
@@ -187,7 +198,8 @@ def generate(
     responses = torch.where(action_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
     sequences = torch.cat([input_ids, responses], 1)
     full_mask = torch.cat([attention_mask.long(), action_mask.long()], 1)
-    return Generation(sequences=sequences, attention_mask=full_mask, action_mask=action_mask)
+    behaviour = sampler.behaviour_logprobs(responses.shape[1]).to(action_mask.device) * action_mask
+    return Generation(sequences=sequences, attention_mask=full_mask, action_mask=action_mask, behaviour_logprobs=behaviour)
 
 
 @contextmanager
@@ -320,3 +332,101 @@ def response_logprobs(
     if with_entropy:
         return logprobs_and_entropy(logits, labels, temperature, entropy_grad)
     return logprobs_from_logits(logits, labels, temperature), None
+
+
+# --------------------------------------------------------------------------- rollouts on engines
+@dataclass(frozen=True)
+class RolloutSampling:
+    """How rollouts are sampled: the PPO config's sampling fields, as engines receive them."""
+
+    seed: int
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+    min_new_tokens: int
+    max_prompt_tokens: int
+    chat_template: bool
+
+    @classmethod
+    def of(cls, cfg: PPOConfig) -> "RolloutSampling":
+        return cls(cfg.seed, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.min_new_tokens,
+                   cfg.max_prompt_tokens, cfg.chat_template)
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """One trainer rank's rollouts: one response per row. Rows come in groups of
+    ``group_size`` that share a prompt; each row is seeded by its global sample index, so a
+    sample is the same on whichever engine, in whatever batch, it is drawn."""
+
+    prompts: tuple[str, ...]  # one per row (a prompt repeated group_size times in a row)
+    sample_indices: tuple[int, ...]  # global index of each row's sample
+    iteration: int
+    group_size: int
+    sampling: RolloutSampling
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.sample_indices):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.sample_indices)} sample indices")
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Rollouts as an engine returns them: token ids without padding, per row."""
+
+    prompt_ids: list[list[int]]  # the prompt as the engine tokenized it
+    response_ids: list[list[int]]  # the response up to and including the first EOS
+    behaviour_logprobs: list[list[float]]  # log mu of each response token (the engine's policy)
+    policy_version: int = 0  # the weights that sampled every row
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+
+def rollout(model, tokenizer, request: RolloutRequest, synced_gpus: bool = False, policy_version: int = 0) -> RolloutBatch:
+    """Sample a request's rows with ``model`` (any rank or engine: the same samples)."""
+    s = request.sampling
+    device = next(model.parameters()).device
+    texts = rollout_texts(tokenizer, list(request.prompts), s.chat_template)
+    ids, attn = tokenize_prompts(tokenizer, texts, s.max_prompt_tokens, device)
+    cfg = PPOConfig.model_construct(seed=s.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                    max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens)
+    gen = generate(model, tokenizer, ids, attn, cfg, request.iteration, list(request.sample_indices),
+                   synced_gpus=synced_gpus, group_size=request.group_size)
+    return batch_of(gen, policy_version)
+
+
+def batch_of(gen: Generation, policy_version: int = 0) -> RolloutBatch:
+    """A generation's rows as token lists (padding removed)."""
+    P = gen.prompt_length
+    prompt_mask = gen.attention_mask[:, :P].bool().tolist()
+    prompts = [[t for t, m in zip(row, keep) if m] for row, keep in zip(gen.sequences[:, :P].tolist(), prompt_mask)]
+    lengths = gen.action_mask.long().sum(-1).tolist()
+    responses = [row[:n] for row, n in zip(gen.responses.tolist(), lengths)]
+    behaviour = gen.behaviour_logprobs if gen.behaviour_logprobs is not None else torch.zeros_like(gen.action_mask)
+    logprobs = [row[:n] for row, n in zip(behaviour.float().tolist(), lengths)]
+    return RolloutBatch(prompts, responses, logprobs, policy_version)
+
+
+def generation_of(batch: RolloutBatch, pad_token_id: int, device: torch.device | str = "cpu") -> Generation:
+    """The batch as padded tensors, as `generate` lays them out: left-padded prompts, then
+    right-padded responses (at least one column)."""
+    B = len(batch)
+    P = max(len(p) for p in batch.prompt_ids)
+    T = max(1, max(len(r) for r in batch.response_ids))
+    sequences = torch.full((B, P + T), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((B, P + T), dtype=torch.long)
+    action = torch.zeros((B, T), dtype=torch.float32)
+    behaviour = torch.zeros((B, T), dtype=torch.float32)
+    for i, (prompt, response, logp) in enumerate(zip(batch.prompt_ids, batch.response_ids, batch.behaviour_logprobs)):
+        sequences[i, P - len(prompt) : P] = torch.tensor(prompt, dtype=torch.long)
+        attention[i, P - len(prompt) : P] = 1
+        n = len(response)
+        if n:
+            sequences[i, P : P + n] = torch.tensor(response, dtype=torch.long)
+            attention[i, P : P + n] = 1
+            action[i, :n] = 1.0
+            behaviour[i, :n] = torch.tensor(logp, dtype=torch.float32)
+    return Generation(sequences=sequences.to(device), attention_mask=attention.to(device), action_mask=action.to(device),
+                      behaviour_logprobs=behaviour.to(device))

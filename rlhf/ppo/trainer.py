@@ -39,8 +39,12 @@ from rlhf.ppo.config import DeepSpeedConfig, PPOConfig, deepspeed_config_dict
 from rlhf.ppo.experience import Experience
 from rlhf.ppo.rollout import (
     Generation,
+    RolloutBatch,
+    RolloutRequest,
+    RolloutSampling,
     decode_responses,
     generate,
+    generation_of,
     merged_lora,
     response_logits,
     response_logprobs,
@@ -51,6 +55,10 @@ from rlhf.ppo.rollout import (
 
 RewardFn = Callable[[list[str], list[str]], Tensor]
 """Scores a batch: (prompts, responses) -> (B,) float tensor. A rule or the reward model."""
+
+RolloutFn = Callable[[RolloutRequest], RolloutBatch]
+"""Samples a rank's rollouts elsewhere (the generation engines); without one the trainer
+samples them itself with its own weights."""
 
 
 # --------------------------------------------------------------------------- process group
@@ -163,12 +171,15 @@ class PPOTrainer:
         ppo: PPOConfig,
         ds: DeepSpeedConfig,
         critic: nn.Module | None = None,
+        rollout_fn: RolloutFn | None = None,
     ) -> None:
         from rlhf.models import ValueHeadCritic, reference_model
 
         self.dist = init_distributed()
         self.cfg, self.ds_cfg = ppo, ds
-        self.tokenizer, self.reward_fn = tokenizer, reward_fn
+        self.tokenizer, self.reward_fn, self.rollout_fn = tokenizer, reward_fn, rollout_fn
+        self.last_rollout_version: int | None = None
+        """The policy version of the engines that sampled the last iteration's rollouts."""
         self._check_divisibility()
         _seed_everything(ppo.seed + self.dist.rank)
         if ppo.uses_critic and critic is None:
@@ -295,7 +306,6 @@ class PPOTrainer:
             scores = self._score(local_prompts, responses)
         with self._timed("logprobs_values"):
             old_logprobs, ref_logprobs, values = self._logprobs_and_values(gen)
-        T = gen.action_mask.shape[1]
         mask = gen.action_mask
         kl = core.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
         beta = self.kl_ctl.value if cfg.kl_in == "reward" else 0.0
@@ -313,6 +323,7 @@ class PPOTrainer:
             sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=mask,
             old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, scores=scores, rewards=rewards,
             advantages=advantages, returns=returns, values=values if cfg.uses_critic else None,
+            behaviour_logprobs=gen.behaviour_logprobs if cfg.behaviour_correction != "none" else None,
         )
         metrics = self._rollout_metrics(exp, kl)
         return exp, metrics
@@ -349,6 +360,13 @@ class PPOTrainer:
         return old_logprobs, ref_logprobs, values
 
     def _generate(self, prompts: list[str], indices: list[int]) -> Generation:
+        if self.rollout_fn is not None:
+            request = RolloutRequest(tuple(prompts), tuple(indices), self.iteration, self.cfg.group_size, RolloutSampling.of(self.cfg))
+            batch = self.rollout_fn(request)
+            if len(batch) != len(prompts):
+                raise ValueError(f"the engines returned {len(batch)} rollouts for {len(prompts)} rows")
+            self.last_rollout_version = batch.policy_version
+            return generation_of(batch, self.tokenizer.pad_token_id, self.dist.device)
         module = self.policy_engine.module
         policy = module.policy if self.critic_is_head else module
         ids, attn = tokenize_prompts(self.tokenizer, rollout_texts(self.tokenizer, prompts, self.cfg.chat_template), self.cfg.max_prompt_tokens, self.dist.device)
@@ -469,7 +487,10 @@ class PPOTrainer:
             mb.sequences, mb.attention_mask, T, with_values=True, with_entropy=True
         )
         old_logprobs = logprobs.detach() if self._old_logprobs_are_current else mb.old_logprobs
-        pg = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, cfg.clip_range, normalizer)
+        is_weights = None
+        if mb.behaviour_logprobs is not None:
+            is_weights = core.truncated_is_weights(old_logprobs, mb.behaviour_logprobs, mask, cfg.behaviour_is_cap)
+        pg = core.policy_loss(logprobs, old_logprobs, mb.advantages, mask, cfg.clip_range, normalizer, is_weights)
         loss = pg.loss
         ent = core.masked_sum(entropy, mask) / normalizer
         if cfg.entropy_coef > 0:
@@ -486,6 +507,11 @@ class PPOTrainer:
             "approx_kl": pg.approx_kl,
             "entropy": core.masked_mean(entropy.detach(), mask),
         }
+        if mb.behaviour_logprobs is not None:
+            with torch.no_grad():  # how far the sampler was from the trainer's policy at rollout time
+                gap = old_logprobs.float() - mb.behaviour_logprobs.float()
+                metrics["behaviour_logprob_gap"] = core.masked_mean(gap.abs(), mask)
+                metrics["behaviour_is_weight"] = core.masked_mean(is_weights, mask)
         if self.critic_is_head and cfg.uses_critic:
             vf = core.value_loss(values, mb.values, mb.returns, mask, cfg.value_clip_range, normalizer)
             loss = loss + cfg.value_loss_coef * vf.loss

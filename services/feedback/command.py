@@ -190,3 +190,31 @@ def stats(server: str, token: str | None, tls_ca, client_cert, client_key, proje
         except FeedbackClientError as err:
             fail(str(err))
     click.echo(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
+
+
+@feedback.command()
+@client_options
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=5.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--tls-server-name", default=None, help="The name the server's certificate carries, when --server is another (e.g. 127.0.0.1 in a probe).")
+def health(server: str, token: str | None, tls_ca, client_cert, client_key, timeout_s: float, tls_server_name: str | None) -> None:
+    """Exit 0 when the service answers SERVING to the standard gRPC health check (over TLS with
+    --tls-ca): the readiness probe of a deployment whose port speaks TLS, which Kubernetes'
+    own grpc probe cannot reach."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.feedback.server import SERVICE_NAME
+
+    overrides = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    client = make_client(server, token, tls_ca, client_cert, client_key, channel_options=overrides)
+    try:
+        stub = health_pb2_grpc.HealthStub(client._channel)
+        status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s).status
+    except grpc.RpcError as err:
+        click.echo(f"{server}: {err.code().name}: {err.details()}", err=True)
+        sys.exit(1)
+    finally:
+        client.close()
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    click.echo(f"{server}: {name}")
+    sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)

@@ -16,6 +16,8 @@ import torch
 
 from rlhf.models import LoraConfig, ModelConfig, load_policy
 from rlhf.models.packed import keep_packs
+from rlhf.ppo.rollout import RolloutBatch, RolloutRequest, rollout
+from rlhf.sync import WeightLayout
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,17 @@ class StaleWeights(ValueError):
 
 
 class PolicyEngine:
-    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig | None, max_prompt_tokens: int = 512):
+    """The `hf` engine backend: a transformers model (LoRA through peft), batched `generate`.
+
+    The same code serves people's requests (chat and completion), labeling tasks and PPO
+    rollouts (`rollout_many`: per-sample seeded, with behaviour log-probs), so a rollout is
+    the sample the trainer would have drawn itself with the same weights.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, lora: LoraConfig | None, max_prompt_tokens: int = 512,
+                 device: torch.device | str = "cpu"):
         self.model, self.tokenizer = load_policy(model_cfg, lora)
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        self.model.to(device)
         self.model.eval()
         # updates are copied into the parameters (load_weights), which moves their version
         # counters: on the CPU the oneDNN packs of trained weights can be kept between updates
@@ -107,6 +116,11 @@ class PolicyEngine:
         self.version = update.version
         return self.version
 
+    def weight_layout(self, bucket_bytes: int | None = None) -> WeightLayout:
+        """How a weight update for this policy lies in the sync group's buckets."""
+        tensors = {name: t.detach() for name, t in self._targets.items()}
+        return WeightLayout.of(tensors) if bucket_bytes is None else WeightLayout.of(tensors, bucket_bytes)
+
     def weights(self) -> dict[str, torch.Tensor]:
         """The tensors a weight update carries for this policy (adapters only under LoRA)."""
         if self.lora:
@@ -114,6 +128,29 @@ class PolicyEngine:
 
             return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # -- rollouts -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout_many(self, requests: Sequence[RolloutRequest]) -> list[RolloutBatch]:
+        """PPO rollouts; requests of one iteration and sampling run as one batch (each row is
+        seeded by its own sample index, so batching changes no sample)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.iteration, r.group_size, r.sampling), []).append(i)
+        out: list[RolloutBatch | None] = [None] * len(requests)
+        for (iteration, group_size, sampling), indices in groups.items():
+            rows = [p for i in indices for p in requests[i].prompts]
+            samples = [k for i in indices for k in requests[i].sample_indices]
+            merged = RolloutRequest(tuple(rows), tuple(samples), iteration, group_size, sampling)
+            batch = rollout(self.model, self.tokenizer, merged, policy_version=self.version)
+            start = 0
+            for i in indices:
+                n = len(requests[i].prompts)
+                out[i] = RolloutBatch(batch.prompt_ids[start : start + n], batch.response_ids[start : start + n],
+                                      batch.behaviour_logprobs[start : start + n], self.version)
+                start += n
+        return out  # type: ignore[return-value]
 
     # -- generation ---------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from typing import Mapping
 import numpy as np
 import torch
 
-
 PACK_ON_DEVICE_BYTES = 256 * 2**20
 """Tensors on an accelerator are packed there (then moved in one transfer) up to this size."""
 

@@ -1,22 +1,20 @@
-"""The generation server: a Ray Serve deployment over the current policy.
+"""The generation server: an OpenAI-compatible Ray Serve ingress in front of the engine group.
 
-    handle = start_generation_server(model_cfg, lora_cfg, gen_cfg)   # [1] Serve app
+    handle = start_generation_server(model_cfg, lora_cfg, gen_cfg)   # [1] engines + Serve app
     result = handle.generate.remote(GenerateRequest(prompt="Hi")).result()
     curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
-[1] Serve runs `replicas` copies of `GenerationServer`; concurrent requests to
-    one replica are batched by `batching.Batcher` (up to `max_batch_size`; a batch
-    stays open while requests keep arriving less than `batch_idle_s` apart, at most
-    `batch_wait_timeout_s`).
-[2] Weights: the trainer side packs the tensors into one buffer plus an index
-    (`packing.py`) and publishes (version, packed) to the named
-    `WeightBroadcaster` actor: an ObjectRef, or the packed tensors themselves
-    when they are small. Every replica long-polls it, fetches the buffer and
-    swaps the tensors in under its batch lock; its next poll reports the
-    version it serves, and `publish_weights` returns once every replica serves
-    the new version. Under LoRA only adapter tensors travel.
-[3] Atomicity: one asyncio lock covers each batch and each swap, so every
-    answer is written by exactly the version it reports in `policy_version`.
+[1] `engines.EngineGroup` holds the model copies (Ray actors, placed by the caller); Serve
+    runs `ingress_replicas` copies of `GenerationServer`, which hold no model: each request
+    goes to the engine with the fewest requests in flight from this replica, where it is
+    batched with everything else that engine serves (labeling tasks, rollouts, evaluation).
+[2] Weights reach the engines over the sync group (`rlhf/sync.py`), or, with
+    `weight_sync: object_store`, through the `WeightBroadcaster` below: the trainer side
+    packs the tensors into one buffer plus an index (`packing.py`) and publishes (version,
+    packed); every engine long-polls it and swaps the tensors in under its batch lock;
+    `publish_weights` returns once every engine serves the new version.
+[3] Atomicity: each engine holds one lock over each batch and each swap, so every answer is
+    written by exactly the version it reports in `policy_version`.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures at runtime
@@ -32,11 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rlhf.models import LoraConfig, ModelConfig
-from rlhf.threads import set_torch_threads
-from services.generation.batching import BatchPolicy, Batcher
 from services.generation.config import GenerationConfig
-from services.generation.engine import GenerateRequest, GenerateResult, PolicyEngine, StaleWeights, WeightUpdate
-from services.generation.packing import PackedTensors, pack_tensors, unpack_tensors
+from services.generation.engine import GenerateRequest, GenerateResult, StaleWeights
+from services.generation.engines import EngineGroup
+from services.generation.packing import PackedTensors, pack_tensors
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +42,42 @@ BROADCASTER_NAME = "hitl-weight-broadcaster"
 INLINE_BYTES = 64 * 1024
 """Packed updates up to this size travel inside the broadcaster's calls (Ray inlines small
 arguments and results) instead of through the object store: no store round trips."""
-APPLY_ON_LOOP_BYTES = 4 * 2**20
-"""Updates up to this size are copied in on the replica's event loop (a few ms at most)
-instead of a worker thread: a thread hand-off costs more than the copy."""
+
+
+# -- engines started by the ingress itself (a server on its own) ----------------------
+
+
+class EngineSpec(BaseModel):
+    """What a generation server on its own starts (services/generation/app.py): its engines,
+    and the served policy of a run's checkpoint to load into them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: ModelConfig
+    lora: LoraConfig
+    generation: GenerationConfig
+    checkpoints: str | None = None
+    """A run's checkpoint storage (path or URI): the policy of its LATEST checkpoint is served."""
+
+    def start(self) -> EngineGroup:
+        """The engines (children of the calling actor), serving the checkpoint's policy."""
+        from rlhf.storage import CheckpointStorage, read_policy
+        from services.generation.engine import WeightUpdate
+
+        update = None
+        if self.checkpoints:  # read first: a missing checkpoint fails before any engine starts
+            storage = CheckpointStorage(self.checkpoints)
+            latest = (storage.read_text("LATEST") or "").strip()
+            if not latest:
+                raise FileNotFoundError(f"{storage.location('LATEST')}: no checkpoint to serve")
+            version, tensors, adapters_only = read_policy(storage, f"{latest}/policy")
+            update = WeightUpdate(version, tensors, adapters_only)
+            log.info("serving policy version %d from %s", version, storage.location(latest))
+        g = self.generation
+        engines = EngineGroup.start(self.model, self.lora if self.lora.enabled else None, g, [replica_options(g)] * g.replicas)
+        if update is not None:
+            ray.get([e.update_weights.remote(update) for e in engines.engines])
+        return engines
 
 
 # -- weight broadcast ([2]) ---------------------------------------------------------
@@ -156,86 +186,46 @@ app = FastAPI(title="hitl generation server")
 @serve.deployment(name="GenerationServer")
 @serve.ingress(app)
 class GenerationServer:
-    def __init__(self, model_cfg: dict, lora_cfg: dict | None, gen_cfg: dict, broadcaster_namespace: str | None = None):
-        self.cfg = GenerationConfig(**gen_cfg)
-        set_torch_threads(self.cfg.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-        lora = LoraConfig(**lora_cfg) if lora_cfg else None
-        self.engine = PolicyEngine(ModelConfig(**model_cfg), lora, self.cfg.max_prompt_tokens)
-        self.model_name = model_cfg.get("path") or model_cfg.get("source", "policy")
-        self._lock = asyncio.Lock()
-        self._batcher = Batcher(self._run_batch, BatchPolicy(
-            max_batch_size=self.cfg.max_batch_size, max_wait_s=self.cfg.batch_wait_timeout_s, idle_s=self.cfg.batch_idle_s))
+    """The ingress: routes requests to the engines; no model here."""
+
+    def __init__(self, engines: "EngineGroup | EngineSpec", model_name: str):
+        if isinstance(engines, EngineSpec):  # on its own (services/generation/app.py): its engines are its children
+            engines = engines.start()
+        self.engines = engines
+        self.model_name = model_name
+        self._inflight = [0] * len(engines.engines)
         self._replica = uuid.uuid4().hex[:8]
-        self._broadcaster_namespace = broadcaster_namespace
-        self._broadcaster = get_broadcaster(broadcaster_namespace)
-        self._poller = asyncio.get_running_loop().create_task(self._follow_weights())
 
     # -- handle API ---------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        """Answer one request (batched with concurrent ones)."""
-        return await self._batcher.submit(request)
+        """Answer one request on the least busy engine (batched there with concurrent ones)."""
+        return await self._on_engine(lambda e: e.generate.remote(request))
 
     async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Answer several requests as one batch (same version for all)."""
-        async with self._lock:
-            return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
+        """Answer several requests as one batch on one engine (same version for all)."""
+        return await self._on_engine(lambda e: e.generate_many.remote(requests))
 
     async def policy_version(self) -> int:
-        return self.engine.version
-
-    async def node(self) -> str:
-        """The Ray node this replica runs on."""
-        return ray.get_runtime_context().get_node_id()
+        """The version every engine serves (the oldest, while an update is on its way)."""
+        return min(await asyncio.gather(*[e.policy_version.remote() for e in self.engines.engines]))
 
     async def stats(self) -> dict:
-        """This replica's counters: requests and batches served (by the batcher), the seconds its
-        batches stayed open in all, and its version."""
-        s = self._batcher.stats
-        return {"replica": self._replica, "requests": s.requests, "batches": s.batches, "batch_wait_s": s.wait_s, "closed": dict(s.closed),
-                "policy_version": self.engine.version}
+        """This ingress replica and every engine's counters."""
+        engines = await asyncio.gather(*[e.stats.remote() for e in self.engines.engines])
+        return {"replica": self._replica, "engines": list(engines)}
 
-    async def update_weights(self, update: WeightUpdate) -> int:
-        """Swap weights on this replica (tests and single-replica use; clusters use the broadcaster)."""
-        async with self._lock:
-            return await asyncio.to_thread(self.engine.load_weights, update)
+    async def node(self) -> str:
+        """The Ray node this ingress replica runs on."""
+        return ray.get_runtime_context().get_node_id()
 
-    async def _run_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        async with self._lock:  # [3]
-            return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
-
-    async def _follow_weights(self) -> None:
-        while True:
-            try:
-                # reports the version served and waits for a newer one, in one call
-                version, payload, adapters_only = await self._broadcaster.wait_newer.remote(self.engine.version, 30.0, self._replica)
-                if payload is None:
-                    continue
-                packed = await payload[0] if isinstance(payload, list) else payload
-                async with self._lock:
-                    if packed.nbytes <= APPLY_ON_LOOP_BYTES:
-                        self._apply(version, packed, adapters_only)
-                    else:
-                        await asyncio.to_thread(self._apply, version, packed, adapters_only)
-                del payload, packed  # let go of the object-store buffer now, not at the next update
-            except asyncio.CancelledError:
-                raise
-            except StaleWeights:
-                continue
-            except Exception as e:  # noqa: BLE001 - keep serving the old version; try again
-                log.exception("weight update failed on replica %s", self._replica)
-                await asyncio.sleep(1.0)
-                if isinstance(e, ray.exceptions.RayActorError):  # the broadcaster was killed: follow its successor
-                    self._broadcaster = get_broadcaster(self._broadcaster_namespace)
-
-    def _apply(self, version: int, packed: PackedTensors, adapters_only: bool) -> int:
-        """Unpack (checks the index against the buffer) and load (checks names and shapes), then copy."""
-        return self.engine.load_weights(WeightUpdate(version, unpack_tensors(packed), adapters_only))
-
-    def __del__(self) -> None:
-        for task in (getattr(self, "_poller", None), getattr(self, "_batcher", None)):
-            if task is not None:
-                task.cancel() if isinstance(task, asyncio.Task) else task.close()
+    async def _on_engine(self, call):
+        i = min(range(len(self._inflight)), key=self._inflight.__getitem__)
+        self._inflight[i] += 1
+        try:
+            return await call(self.engines.engines[i])
+        finally:
+            self._inflight[i] -= 1
 
     # -- HTTP (OpenAI-compatible) ---------------------------------------------------
 
@@ -267,11 +257,11 @@ class GenerationServer:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": str(self.model_name), "object": "model", "policy_version": self.engine.version}]}
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "policy_version": await self.policy_version()}]}
 
     async def _answer(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         if len(requests) == 1:
-            return [await self._batcher.submit(requests[0])]
+            return [await self.generate(requests[0])]
         return await self.generate_many(requests)
 
     def _envelope(self, kind: str, choices: list[dict], results: list[GenerateResult]) -> dict:
@@ -282,7 +272,7 @@ class GenerationServer:
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": kind,
             "created": int(time.time()),
-            "model": str(self.model_name),
+            "model": self.model_name,
             "policy_version": versions.pop(),  # one batch, one version
             "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
@@ -293,24 +283,18 @@ class GenerationServer:
 
 
 def replica_options(cfg: GenerationConfig) -> dict[str, Any]:
-    """Ray actor options of one replica (the placement module asks for the same)."""
+    """Ray actor options of one engine (the placement module asks for the same)."""
     options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
     if cfg.resources:
         options["resources"] = dict(cfg.resources)
     return options
 
 
-def build_app(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, broadcaster_namespace: str | None = None):
-    options = replica_options(cfg)
+def build_app(engines: EngineGroup, model_name: str, cfg: GenerationConfig):
     deployment = GenerationServer.options(
-        num_replicas=cfg.replicas, ray_actor_options=options, max_ongoing_requests=cfg.max_ongoing_requests
+        num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.max_ongoing_requests
     )
-    return deployment.bind(
-        model_cfg.model_dump(mode="json"),
-        lora_cfg.model_dump(mode="json") if lora_cfg else None,
-        cfg.model_dump(mode="json"),
-        broadcaster_namespace,
-    )
+    return deployment.bind(engines, model_name)
 
 
 _publish_handle: "tuple[tuple[str, str], Any] | None" = None  # ((job, node), broadcaster handle)
@@ -326,16 +310,27 @@ def _publisher(fresh: bool = False):
     return _publish_handle[1]
 
 
-def start_generation_server(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, http: bool = True):
-    """Deploy the server on the connected Ray cluster; returns its DeploymentHandle."""
+def start_engines(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig,
+                  options: list[dict[str, Any]] | None = None, simulated_gpus: bool = False) -> EngineGroup:
+    """The engine group (`cfg.replicas` engines, each with Ray actor `options[i]`); with
+    `weight_sync: object_store` they follow the weight broadcaster."""
+    if cfg.weight_sync == "object_store":
+        _publisher(fresh=True)  # creates the broadcaster (or finds it) before the engines look for it
+    engines = EngineGroup.start(model_cfg, lora_cfg, cfg, options or [replica_options(cfg)] * cfg.replicas, simulated_gpus)
+    if cfg.weight_sync == "object_store":
+        engines.follow_broadcaster()
+    return engines
+
+
+def start_generation_server(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig, http: bool = True,
+                            engines: EngineGroup | None = None):
+    """Deploy the ingress on the connected Ray cluster (starting the engines unless given);
+    returns its DeploymentHandle."""
     if http:
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    _publisher(fresh=True)  # creates the broadcaster (or finds it) before the replicas look for it
-    # replicas look the broadcaster up in this driver's namespace: Serve may have been started
-    # by another job (an earlier run on a long-lived cluster), whose namespace is not ours
-    namespace = ray.get_runtime_context().namespace
-    return serve.run(build_app(model_cfg, lora_cfg, cfg, broadcaster_namespace=namespace), name=APP_NAME,
-                     route_prefix=cfg.route_prefix if http else None)
+    engines = engines if engines is not None else start_engines(model_cfg, lora_cfg, cfg)
+    model_name = str(model_cfg.path or model_cfg.source)
+    return serve.run(build_app(engines, model_name, cfg), name=APP_NAME, route_prefix=cfg.route_prefix if http else None)
 
 
 def publish_weights(version: int, tensors: dict, adapters_only: bool, replicas: int, timeout_s: float = 300.0) -> float:

@@ -36,16 +36,14 @@ def main() -> None:
     })
     placement = Placement(cfg.cluster)
     trainers = [Probe.options(**placement.trainer_worker_options(r)).remote() for r in range(4)]
-    reward = Probe.options(**placement.reward_model_options()).remote()
+    reward = Probe.options(**placement.reward_model_options()[0]).remote()
     trainer_at = ray.get([t.node.remote() for t in trainers])
     reward_at = ray.get(reward.node.remote())
 
-    from ray import serve
+    from services.generation.server import start_engines
 
-    from services.generation.server import start_generation_server
-
-    handle = start_generation_server(cfg.model, cfg.lora, cfg.generation, http=False)
-    generation_at = handle.node.remote().result()
+    engines = start_engines(cfg.model, cfg.lora, cfg.generation, placement.engine_options(cfg.generation), simulated_gpus=True)
+    [generation_at] = engines.nodes()
     out = {
         "trainer_nodes": sorted(n.node_id for n in trainer_nodes),
         "serving_node": serving.node_id,
@@ -56,7 +54,7 @@ def main() -> None:
         "generation_at": generation_at,
         "per_trainer_node": dict(Counter(n for n, _ in trainer_at)),
     }
-    serve.shutdown()
+    engines.shutdown()
     placement.release()
     ray.shutdown()
     cluster.shutdown()

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 from rlhf.curation.rules import Curated, FlaggedContent
 from rlhf.preferences import Choice, PreferencePair, Ranking
+from rlhf.storage import CheckpointStorage
 from tests.actors.test_loop import tiny_run_config
 
 
@@ -14,7 +15,7 @@ def pair(prompt: str, a: str, b: str) -> PreferencePair:
 
 def test_flags_of_a_later_round_leave_earlier_items_out(ray_session, tmp_path):
     from actors.coordinator import Coordinator
-    from actors.reward_model import RewardModelActor
+    from actors.reward_model import RewardModelActor, RewardModelGroup
 
     cfg = tiny_run_config(tmp_path)
     actor = RewardModelActor.options(num_cpus=0.5).remote(cfg.reward_model_spec())
@@ -27,16 +28,20 @@ def test_flags_of_a_later_round_leave_earlier_items_out(ray_session, tmp_path):
     second = [pair(f"prompt {i}", f"short {i}", f"a much longer answer number {i}") for i in range(6, 8)]
     flagged = [FlaggedContent("prompt 0", None, "pii"), FlaggedContent("prompt r", "y", "harmful")]
     update = Coordinator.update_reward_model
-    report = update(SimpleNamespace(reward_model=actor), Curated(items=second, flagged=flagged))
+    group = RewardModelGroup([actor], timeout_s=300)  # what the coordinator holds
+    report = update(SimpleNamespace(reward_model=group), Curated(items=second, flagged=flagged))
     assert report["forgotten_flagged"] == 2
     assert report["pairs_total"] == 6 - 1 + 1 + 2  # prompt 0 gone, the ranking kept without "y", 2 new
 
     # a round with flags and nothing new to train on still leaves them out
-    report = update(SimpleNamespace(reward_model=actor), Curated(flagged=[FlaggedContent("prompt 1", "short 1", "spam")]))
+    report = update(SimpleNamespace(reward_model=group), Curated(flagged=[FlaggedContent("prompt 1", "short 1", "spam")]))
     assert report == {"skipped": "no usable records", "forgotten_flagged": 1}
 
-    ray_session.get(actor.save.remote(str(tmp_path / "rm")))
+    # through an object-store URI (pyarrow.fs), as a cluster without a shared disk would
+    storage = CheckpointStorage(f"file://{tmp_path}/bucket/run")
+    ray_session.get(actor.save.remote(storage, "round-0001/reward_model"))
+    assert (tmp_path / "bucket" / "run" / "round-0001" / "reward_model" / "trained.safetensors").exists()
     restored = RewardModelActor.options(num_cpus=0.5).remote(cfg.reward_model_spec())
-    assert ray_session.get(restored.load.remote(str(tmp_path / "rm"))) == 7
+    assert ray_session.get(restored.load.remote(storage, "round-0001/reward_model")) == 7
     ray_session.kill(actor)
     ray_session.kill(restored)

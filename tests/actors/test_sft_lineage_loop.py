@@ -61,7 +61,7 @@ def test_corrections_train_before_ppo_and_every_version_has_its_lineage(ray_sess
         assert lineage["reward_model"]["id"].startswith(f"rm-r{i:04d}-") and lineage["reward_model"]["trained_this_round"]
         assert lineage["sft"]["demonstrations"] == 3 and lineage["sft"]["report"] == rep.sft
         assert lineage["ppo"]["trainer_iterations"] == [2 * i + 1, 2 * i + 2] and lineage["ppo"]["seed"] == cfg.ppo.seed
-    assert (run_dir / "checkpoints" / "round-0001" / "curation.json").exists()
+    assert (run_dir / "checkpoints" / "round-0001" / "run" / "curation.json").exists()
     saved = json.loads((run_dir / "report.json").read_text())["rounds"]
     assert [r["lineage"] for r in saved] == [r.lineage for r in reports]
 

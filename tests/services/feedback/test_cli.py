@@ -115,3 +115,12 @@ def test_serve_config_errors_name_the_field_before_starting(tmp_path):
     out = hitl("feedback", "serve", "--tokens", str(tokens), "--store", f"sqlite:///{tmp_path / 'x.db'}", check=False)
     assert out.returncode == 2 and "tokens[0].projects" in out.stderr
     assert not (tmp_path / "x.db").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_health_answers_for_a_probe(served):
+    _, address, _ = served
+    assert hitl("feedback", "health", "--server", address).stdout.strip() == f"{address}: SERVING"
+    down = subprocess.run([sys.executable, "-m", "hitl.cli", "feedback", "health", "--server", "127.0.0.1:9", "--timeout", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "127.0.0.1:9: UNAVAILABLE" in down.stderr

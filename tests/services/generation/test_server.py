@@ -21,14 +21,16 @@ PROMPT = GenerateRequest(prompt="The quick brown fox", temperature=0.0, max_new_
 def gen_server(ray_session):
     from ray import serve
 
-    from services.generation.server import start_generation_server
+    from services.generation.server import start_engines, start_generation_server
 
     serve.shutdown()  # an earlier test's Serve instance may hold other HTTP options
     cfg = GenerationConfig(replicas=2, num_cpus=0.5, http_port=PORT, max_batch_size=8, batch_wait_timeout_s=0.05,
-                           sampling=SamplingDefaults(max_new_tokens=8, temperature=0.0))
-    handle = start_generation_server(MODEL, LORA, cfg)
+                           weight_sync="object_store", sampling=SamplingDefaults(max_new_tokens=8, temperature=0.0))
+    engines = start_engines(MODEL, LORA, cfg)
+    handle = start_generation_server(MODEL, LORA, cfg, engines=engines)
     yield handle
     serve.delete("hitl-generation")
+    engines.shutdown()
 
 
 def post(path, body):
@@ -56,26 +58,21 @@ def test_openai_routes(gen_server):
     assert err.value.code == 422
 
 
-def replica_stats(handle, replicas: int = 2) -> dict[str, dict]:
-    """The counters of every replica (stats calls land on a replica Serve picks: ask until all answered)."""
-    seen: dict[str, dict] = {}
-    for _ in range(200):
-        s = handle.stats.remote().result()
-        seen[s["replica"]] = s
-        if len(seen) == replicas:
-            return seen
-    raise AssertionError(f"only {len(seen)} of {replicas} replicas answered")
+def engine_stats(handle) -> dict[str, dict]:
+    """The counters of every engine, by engine name."""
+    return {e["engine"]: e for e in handle.stats.remote().result()["engines"]}
 
 
 def test_concurrent_requests_are_batched(gen_server):
-    before = replica_stats(gen_server)
+    before = engine_stats(gen_server)
     with cf.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: gen_server.generate.remote(GenerateRequest(prompt=f"Count {i}", max_new_tokens=4)).result(), range(16)))
     assert len(results) == 16 and all(r.texts for r in results)
-    after = replica_stats(gen_server)
+    after = engine_stats(gen_server)
     served = sum(after[r]["requests"] - before[r]["requests"] for r in after)
     batches = sum(after[r]["batches"] - before[r]["batches"] for r in after)
     assert served == 16 and 1 <= batches < served  # several of the 16 requests shared a batch
+    assert all(after[name]["requests"] > before[name]["requests"] for name in after)  # both engines served
 
 
 def test_weight_updates_are_atomic_under_concurrent_requests(gen_server):
@@ -120,7 +117,7 @@ def _perturbed_with_answer(seed, scale, version):
 
 
 def _replica_versions(gen_server):
-    return {s["replica"]: s["policy_version"] for s in (gen_server.stats.remote().result() for _ in range(8))}
+    return {name: e["policy_version"] for name, e in engine_stats(gen_server).items()}
 
 
 def test_large_updates_travel_through_the_object_store(gen_server, monkeypatch):

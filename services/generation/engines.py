@@ -1,0 +1,326 @@
+"""The engine group: the Ray actors that generate everything the loop and people read.
+
+    group = EngineGroup.start(model_cfg, lora_cfg, gen_cfg, options)   # [1] N engine actors
+    batch = group.rollout(RolloutRequest(...))                         # [2] PPO rollouts, fanned out
+    results = group.generate_many([GenerateRequest(...), ...])         # labeling tasks, evaluation
+    group.join_sync(host, port, world=1 + N, backend="gloo")           # [3] the weight-sync group
+
+[1] Each `GenerationEngine` holds one copy of the policy (`engine.PolicyEngine`, the `hf`
+    backend) on the device its placement gave it (`rlhf.devices.role_device`). Concurrent
+    requests, from the Serve ingress (people, judges) and from every trainer rank
+    (rollouts), meet in one `Batcher`: one batch at a time per engine.
+[2] A trainer rank's rollout request is cut into whole groups (rows sharing a prompt) and
+    spread over all engines at once; every row is seeded by its sample index, so the split
+    changes no sample. Engines return token ids and behaviour log-probs.
+[3] Weights arrive over the sync group (`rlhf.sync`): a receiver thread per engine waits for
+    pushes from trainer rank 0 and applies each under the batch lock, so a request is
+    answered wholly by one version (the one its result names). Without a sync group,
+    engines follow the `WeightBroadcaster` through the object store (`server.publish_weights`).
+
+No engine code imports the loop (`actors/`): the coordinator creates the group with the
+options its placement decides and hands the handles to trainers and the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ray
+
+from rlhf.ppo.rollout import RolloutBatch, RolloutRequest
+from services.generation.batching import Batcher, BatchPolicy
+from services.generation.config import GenerationConfig
+from services.generation.engine import (
+    GenerateRequest,
+    GenerateResult,
+    PolicyEngine,
+    StaleWeights,
+    WeightUpdate,
+)
+
+log = logging.getLogger(__name__)
+
+APPLY_ON_LOOP_BYTES = 4 * 2**20
+"""Updates up to this size are copied in on the engine's event loop (a few ms at most)
+instead of a worker thread: a thread hand-off costs more than the copy."""
+
+
+@ray.remote
+class GenerationEngine:
+    """One engine of the group (see the module docstring)."""
+
+    def __init__(self, model_cfg, lora_cfg, gen_cfg: GenerationConfig, index: int = 0, simulated_gpus: bool = False,
+                 broadcaster_namespace: str | None = None):
+        from rlhf.devices import role_device
+        from rlhf.threads import set_torch_threads
+
+        self.cfg = gen_cfg
+        self.index = index
+        context = ray.get_runtime_context()
+        set_torch_threads(gen_cfg.torch_threads, context.get_assigned_resources().get("CPU", 1))
+        self.device = role_device(len(ray.get_gpu_ids()), simulated_gpus)
+        self.engine = PolicyEngine(model_cfg, lora_cfg if lora_cfg is not None and lora_cfg.enabled else None,
+                                   gen_cfg.max_prompt_tokens, self.device)
+        self.name = f"engine-{index}-{uuid.uuid4().hex[:6]}"
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the actor's event loop, once a call ran on it
+        self._batcher: Batcher | None = None
+        self._sync = None
+        self._receiver: threading.Thread | None = None
+        self._sync_error: str | None = None
+        self._pushes = 0
+        self._rows = {"generated": 0, "rollouts": 0}  # answers written for requests, rollout rows sampled
+        self._follower: asyncio.Task | None = None
+        self._broadcaster_namespace = broadcaster_namespace
+
+    def _batch(self) -> Batcher:
+        if self._batcher is None:  # made inside the actor's event loop
+            self._loop = asyncio.get_running_loop()
+            self._batcher = Batcher(self._run_batch, BatchPolicy(
+                max_batch_size=self.cfg.max_batch_size, max_wait_s=self.cfg.batch_wait_timeout_s, idle_s=self.cfg.batch_idle_s))
+        return self._batcher
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """One request, batched with whatever else arrives (people, tasks, rollouts)."""
+        return await self._batch().submit(request)
+
+    async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Several requests as one batch (one version for all)."""
+        async with self._lock:
+            self._rows["generated"] += sum(r.n for r in requests)
+            return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
+
+    async def rollout(self, request: RolloutRequest) -> RolloutBatch:
+        """PPO rollouts of one trainer rank's share (batched with the other ranks')."""
+        return await self._batch().submit(request)
+
+    async def _run_batch(self, requests: list) -> list:
+        async with self._lock:  # every answer of the batch is written by one version
+            return await asyncio.to_thread(self._compute, requests)
+
+    def _compute(self, requests: list) -> list:
+        out: list[Any] = [None] * len(requests)
+        chats = [i for i, r in enumerate(requests) if isinstance(r, GenerateRequest)]
+        rollouts = [i for i, r in enumerate(requests) if isinstance(r, RolloutRequest)]
+        self._rows["generated"] += sum(requests[i].n for i in chats)
+        self._rows["rollouts"] += sum(len(requests[i].prompts) for i in rollouts)
+        if chats:
+            for i, result in zip(chats, self.engine.generate([requests[i] for i in chats], self.cfg.sampling)):
+                out[i] = result
+        if rollouts:
+            for i, result in zip(rollouts, self.engine.rollout_many([requests[i] for i in rollouts])):
+                out[i] = result
+        return out
+
+    # -- state --------------------------------------------------------------------------
+
+    async def policy_version(self) -> int:
+        return self.engine.version
+
+    async def wait_version(self, version: int, timeout_s: float = 300.0) -> int:
+        """The served version once it is at least `version` (or at the deadline)."""
+        deadline = time.monotonic() + timeout_s
+        while self.engine.version < version and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.engine.version
+
+    async def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def stats(self) -> dict:
+        s = self._batch().stats
+        return {"engine": self.name, "index": self.index, "requests": s.requests, "batches": s.batches,
+                "batch_wait_s": s.wait_s, "closed": dict(s.closed), "policy_version": self.engine.version,
+                "device": str(self.device), "sync_pushes": self._pushes, "sync_error": self._sync_error,
+                "generated_rows": self._rows["generated"], "rollout_rows": self._rows["rollouts"]}
+
+    # -- weights: the sync group ([3]) --------------------------------------------------------
+
+    async def weight_layout(self):
+        """The layout of this engine's weight updates (`rlhf.sync.WeightLayout`): trainer rank 0
+        packs its tensors into it (casting to the engine's dtypes)."""
+        return self.engine.weight_layout(self.cfg.sync_bucket_bytes)
+
+    async def join_sync(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float = 300.0) -> str:
+        """Join the weight-sync group as `rank` and start receiving pushes; returns once joined."""
+        from rlhf.sync import SyncGroup
+
+        await self.leave_sync()
+        layout = self.engine.weight_layout(self.cfg.sync_bucket_bytes)
+        self._sync = await asyncio.to_thread(
+            SyncGroup.join, host, port, rank, world, layout, backend, timeout_s, "hitl-sync", self.device)
+        self._sync_error = None
+        self._loop = asyncio.get_running_loop()
+        self._receiver = threading.Thread(target=self._receive_forever, args=(self._sync,), name=f"{self.name}-sync", daemon=True)
+        self._receiver.start()
+        return self.name
+
+    async def leave_sync(self) -> None:
+        group, receiver = self._sync, self._receiver
+        self._sync, self._receiver = None, None
+        if group is not None:
+            await asyncio.to_thread(group.stop_receiving)
+        if receiver is not None:
+            await asyncio.to_thread(receiver.join, 30)
+
+    def _receive_forever(self, group) -> None:
+        from rlhf.sync import SyncGroupError
+
+        def apply(version: int, tensors: dict) -> None:
+            asyncio.run_coroutine_threadsafe(self._apply_pushed(version, tensors), self._loop).result()
+
+        while self._sync is group:
+            try:
+                if group.receive(apply) is None:
+                    return
+                self._pushes += 1
+            except (SyncGroupError, RuntimeError, ValueError) as err:  # the group is gone or broke: report and stop
+                self._sync_error = f"{type(err).__name__}: {err}"
+                log.warning("engine %s left the sync group: %s", self.name, err)
+                return
+
+    async def _apply_pushed(self, version: int, tensors: dict) -> None:
+        update = WeightUpdate(version, tensors, adapters_only=self.engine.lora)
+        async with self._lock:
+            self.engine.load_weights(update)  # checks names and shapes first, then copies
+
+    # -- weights: the object store (without a sync group) ----------------------------------------
+
+    async def update_weights(self, update: WeightUpdate) -> int:
+        """Swap weights on this engine directly (tests, a single engine)."""
+        async with self._lock:
+            return await asyncio.to_thread(self.engine.load_weights, update)
+
+    async def follow_broadcaster(self) -> None:
+        """Long-poll the `WeightBroadcaster` for new versions (the object-store path)."""
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        from services.generation.packing import unpack_tensors
+        from services.generation.server import get_broadcaster
+
+        broadcaster = get_broadcaster(self._broadcaster_namespace)
+        while True:
+            try:
+                version, payload, adapters_only = await broadcaster.wait_newer.remote(self.engine.version, 30.0, self.name)
+                if payload is None:
+                    continue
+                packed = await payload[0] if isinstance(payload, list) else payload
+
+                def load(version=version, packed=packed, adapters_only=adapters_only) -> int:
+                    return self.engine.load_weights(WeightUpdate(version, unpack_tensors(packed), adapters_only))
+
+                async with self._lock:
+                    if packed.nbytes <= APPLY_ON_LOOP_BYTES:
+                        load()
+                    else:
+                        await asyncio.to_thread(load)
+                del payload, packed
+            except asyncio.CancelledError:
+                raise
+            except StaleWeights:
+                continue
+            except Exception as e:  # noqa: BLE001 - keep serving the old version; try again
+                log.exception("weight update failed on engine %s", self.name)
+                await asyncio.sleep(1.0)
+                if isinstance(e, ray.exceptions.RayActorError):  # the broadcaster was killed: follow its successor
+                    broadcaster = get_broadcaster(self._broadcaster_namespace)
+
+
+# -- the driver's and the trainers' view ------------------------------------------------------
+
+
+@dataclass
+class EngineGroup:
+    """Handles of the engine actors and the calls that fan out over them; picklable, so trainer
+    ranks and the Serve ingress hold it too."""
+
+    engines: list
+    timeout_s: float = 600.0
+
+    @classmethod
+    def start(cls, model_cfg, lora_cfg, cfg: GenerationConfig, options: Sequence[dict], simulated_gpus: bool = False,
+              timeout_s: float = 600.0) -> "EngineGroup":
+        """`len(options)` engines, engine i with Ray actor options `options[i]` (from the placement)."""
+        namespace = ray.get_runtime_context().namespace
+        engines = [GenerationEngine.options(**o).remote(model_cfg, lora_cfg, cfg, i, simulated_gpus, namespace)
+                   for i, o in enumerate(options)]
+        group = cls(engines, timeout_s)
+        ray.get([e.policy_version.remote() for e in engines], timeout=timeout_s)  # each loaded its model
+        return group
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def rollout(self, request: RolloutRequest) -> RolloutBatch:
+        """A rank's rollouts, its groups spread over every engine at once."""
+        parts = split_request(request, len(self.engines))
+        refs = [self.engines[i].rollout.remote(part) for i, part in parts]
+        batches = ray.get(refs, timeout=self.timeout_s)
+        versions = {b.policy_version for b in batches}
+        return RolloutBatch(
+            [ids for b in batches for ids in b.prompt_ids],
+            [ids for b in batches for ids in b.response_ids],
+            [lp for b in batches for lp in b.behaviour_logprobs],
+            min(versions),  # the oldest weights that drew any row of the batch
+        )
+
+    def generate_many(self, requests: list[GenerateRequest], chunk: int) -> list[GenerateResult]:
+        """Requests in chunks of `chunk`, the chunks spread over the engines at once."""
+        refs = [self.engines[(k // chunk) % len(self.engines)].generate_many.remote(requests[k : k + chunk])
+                for k in range(0, len(requests), chunk)]
+        return [r for part in ray.get(refs, timeout=self.timeout_s) for r in part]
+
+    def policy_versions(self) -> list[int]:
+        return ray.get([e.policy_version.remote() for e in self.engines], timeout=self.timeout_s)
+
+    def wait_version(self, version: int, timeout_s: float = 300.0) -> list[int]:
+        return ray.get([e.wait_version.remote(version, timeout_s) for e in self.engines], timeout=timeout_s + 30)
+
+    def stats(self) -> list[dict]:
+        return ray.get([e.stats.remote() for e in self.engines], timeout=self.timeout_s)
+
+    def nodes(self) -> list[str]:
+        return ray.get([e.node.remote() for e in self.engines], timeout=self.timeout_s)
+
+    def follow_broadcaster(self) -> None:
+        ray.get([e.follow_broadcaster.remote() for e in self.engines], timeout=self.timeout_s)
+
+    def join_sync(self, host: str, port: int, backend: str, timeout_s: float = 300.0) -> list:
+        """Start every engine's join (ranks 1..N); the caller joins rank 0 and then waits on the refs."""
+        world = 1 + len(self.engines)
+        return [e.join_sync.remote(host, port, i + 1, world, backend, timeout_s) for i, e in enumerate(self.engines)]
+
+    def leave_sync(self) -> None:
+        ray.get([e.leave_sync.remote() for e in self.engines], timeout=self.timeout_s)
+
+    def shutdown(self) -> None:
+        for e in self.engines:
+            ray.kill(e)
+        self.engines = []
+
+
+def split_request(request: RolloutRequest, engines: int) -> list[tuple[int, RolloutRequest]]:
+    """(engine index, part) for each non-empty part: whole groups, as evenly as they go."""
+    G = request.group_size
+    groups = len(request.prompts) // G if G > 0 and len(request.prompts) % G == 0 else len(request.prompts)
+    size = len(request.prompts) // groups if groups else 0
+    per = [groups // engines + (1 if i < groups % engines else 0) for i in range(engines)]
+    parts, start = [], 0
+    for i, n in enumerate(per):
+        if n == 0:
+            continue
+        rows = slice(start * size, (start + n) * size)
+        parts.append((i, RolloutRequest(request.prompts[rows], request.sample_indices[rows], request.iteration,
+                                        request.group_size if size == G else 1, request.sampling)))
+        start += n
+    return parts

@@ -133,6 +133,7 @@ class Coordinator:
         self._feedback_complete_at: float | None = None
         self._round_quality: dict[str, Any] = {}
         self.recoveries: list[dict[str, Any]] = []  # each restart from a checkpoint: round, error
+        self._round_running = 0
         self.curation_memory = CurationMemory(cfg.curation)  # flags and used items of the checkpointed rounds
         self.storage = CheckpointStorage(cfg.coordinator.storage or self.run_dir / "checkpoints")
 
@@ -162,7 +163,7 @@ class Coordinator:
             try:
                 reports.append(self.round(self.state.next_round))
             except Exception as err:  # noqa: BLE001 - only the faults below are recovered from
-                if not recoverable(err):
+                if not recoverable(err) and not self._lost_a_role():
                     raise
                 failures += 1
                 if failures > self.cfg.coordinator.max_recoveries:
@@ -170,9 +171,23 @@ class Coordinator:
                 log.warning("round %d lost an actor, a node or a call's deadline (%s: %s); recovering from the last checkpoint",
                             self.state.next_round, type(err).__name__, err)
                 self.progress.update(stage="recovering")
-                self.recoveries.append({"round": self.state.next_round, "error": f"{type(err).__name__}: {err}"[:500]})
+                self.recoveries.append({"round": self._round_running, "error": f"{type(err).__name__}: {err}"[:500]})
                 self._recover()
         return reports
+
+    def _lost_a_role(self, timeout_s: float = 30.0) -> bool:
+        """Whether a compute role is gone: an error that is no infrastructure fault by its type
+        (a collective's "connection reset by peer" in the rank that outlived its peer a moment)
+        is one when a member of the round is lost."""
+        import ray
+
+        try:
+            refs = ([w.node.remote() for w in self.trainers.workers] + [r.node.remote() for r in self.reward_model.replicas]
+                    + [e.node.remote() for e in self.engines.engines])
+            ray.get(refs, timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - dead, unreachable or past the deadline: lost
+            return True
+        return False
 
     def _recover(self) -> None:
         """Replace the compute roles (engines, reward model, trainer group) on the nodes there
@@ -322,6 +337,7 @@ class Coordinator:
     # -- one round --------------------------------------------------------------------
 
     def round(self, r: int) -> RoundReport:
+        self._round_running = r
         times: dict[str, float] = {}
         total = self.cfg.coordinator.rounds
         self.progress.update(round=f"{r + 1}/{total}")

@@ -275,9 +275,11 @@ class EngineGroup:
         )
 
     def generate_many(self, requests: list[GenerateRequest], chunk: int) -> list[GenerateResult]:
-        """Requests in chunks of `chunk`, the chunks spread over the engines at once."""
-        refs = [self.engines[(k // chunk) % len(self.engines)].generate_many.remote(requests[k : k + chunk])
-                for k in range(0, len(requests), chunk)]
+        """Requests in chunks of at most `chunk`, spread over every engine at once (a few
+        requests are split evenly rather than left to one engine)."""
+        size = max(1, min(chunk, -(-len(requests) // len(self.engines))))
+        refs = [self.engines[(k // size) % len(self.engines)].generate_many.remote(requests[k : k + size])
+                for k in range(0, len(requests), size)]
         return [r for part in ray.get(refs, timeout=self.timeout_s) for r in part]
 
     def policy_versions(self) -> list[int]:

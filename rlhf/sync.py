@@ -111,17 +111,18 @@ class WeightLayout:
     def flat_buffers(self, device: torch.device | str = "cpu") -> list[Tensor]:
         return [torch.empty(b.numel, dtype=getattr(torch, b.dtype), device=device) for b in self.buckets]
 
-    def pack(self, tensors: Mapping[str, Tensor], out: list[Tensor]) -> None:
-        """Copy `tensors` into the flat buffers `out` (from `flat_buffers`)."""
-        missing = [s.name for s in self.specs if s.name not in tensors]
-        if missing or len(tensors) != len(self.specs):
+    def pack(self, tensors: Mapping[str, Tensor], out: list[Tensor], views: Mapping[str, Tensor] | None = None) -> None:
+        """Copy `tensors` into the flat buffers `out` (from `flat_buffers`; `views`, its
+        `views(out)`, when the caller keeps them: one fused copy instead of one per tensor)."""
+        if len(tensors) != len(self.specs) or any(s.name not in tensors for s in self.specs):
+            missing = [s.name for s in self.specs if s.name not in tensors]
             raise SyncGroupError(f"a push must carry exactly the layout's {len(self.specs)} tensors; missing {missing[:3]}")
-        for bucket, flat in zip(self.buckets, out):
-            for slot in bucket.slots:
-                t = tensors[slot.spec.name]
-                if tuple(t.shape) != slot.spec.shape:
-                    raise SyncGroupError(f"{slot.spec.name}: shape {tuple(t.shape)}, the layout says {slot.spec.shape}")
-                flat[slot.offset : slot.offset + slot.spec.numel].view(slot.spec.shape).copy_(t, non_blocking=True)
+        for spec in self.specs:
+            if tuple(tensors[spec.name].shape) != spec.shape:
+                raise SyncGroupError(f"{spec.name}: shape {tuple(tensors[spec.name].shape)}, the layout says {spec.shape}")
+        views = views if views is not None else self.views(out)
+        names = [s.name for s in self.specs]
+        torch._foreach_copy_([views[n] for n in names], [tensors[n] for n in names], non_blocking=True)
 
     def views(self, flats: list[Tensor]) -> dict[str, Tensor]:
         """Each tensor as a view into the flat buffers (no copy)."""
@@ -163,6 +164,7 @@ class SyncGroup:
         self.address = address  # the store's host and port
         self.layout, self.device, self.name = layout, device, name
         self._flats = layout.flat_buffers(device)
+        self._views = layout.views(self._flats)  # made once: a push fills and reads them in place
         self._digest = layout.digest()
         self.last_version = 0
         self.pushes = 0
@@ -188,7 +190,7 @@ class SyncGroup:
             raise SyncGroupError("only rank 0 sends")
         if version <= self.last_version:
             raise SyncGroupError(f"version {version} is not newer than {self.last_version}")
-        self.layout.pack(tensors, self._flats)
+        self.layout.pack(tensors, self._flats, self._views)
         self.store.set(HEADER.format(n=self.pushes + 1), json.dumps({"version": version, "digest": self._digest}))
         self._transfer()
         self._confirm(version)
@@ -219,7 +221,7 @@ class SyncGroup:
             raise SyncGroupError(f"push {version}: layout {header.get('digest')}, this member's is {self._digest}")
         self._transfer()
         try:
-            apply(version, self.layout.views(self._flats))
+            apply(version, self._views)
         except Exception:
             self._confirm(version, ok=False, check=False)  # the others learn of it; this member raises its own error
             raise

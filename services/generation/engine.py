@@ -101,18 +101,19 @@ class PolicyEngine:
             raise StaleWeights(f"weights version {update.version} is not newer than the served {self.version}")
         if update.adapters_only != self.lora:
             raise ValueError("adapter-only updates need a LoRA policy, full updates a full one")
-        unknown = [k for k in update.tensors if k not in self._targets]
-        if unknown:
+        names = update.tensors.keys()
+        if not names <= self._targets.keys():
+            unknown = [k for k in names if k not in self._targets]
             raise ValueError(f"unexpected tensors in weights version {update.version}: {unknown[:3]}")
         if self.lora and len(update.tensors) != len(self._targets):
             raise ValueError(f"an adapter update must carry all {len(self._targets)} adapter tensors, got {len(update.tensors)}")
-        for name, tensor in update.tensors.items():
-            target = self._targets[name]
+        targets = [self._targets[name] for name in names]
+        sources = list(update.tensors.values())
+        for name, target, tensor in zip(names, targets, sources):
             if target.shape != tensor.shape:
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
-        with torch.no_grad():  # checked first, then copied in place: no half-applied update
-            for name, tensor in update.tensors.items():
-                self._targets[name].copy_(tensor)
+        with torch.no_grad():  # checked first, then copied in place (one fused copy): no half-applied update
+            torch._foreach_copy_(targets, sources)
         self.version = update.version
         return self.version
 

@@ -13,8 +13,9 @@
     spread over all engines at once; every row is seeded by its sample index, so the split
     changes no sample. Engines return token ids and behaviour log-probs.
 [3] Weights arrive over the sync group (`rlhf.sync`): a receiver thread per engine waits for
-    pushes from trainer rank 0 and applies each under the batch lock, so a request is
-    answered wholly by one version (the one its result names). Without a sync group,
+    pushes from trainer rank 0 and applies each itself (one fused copy) under the model lock
+    that every batch also holds, so a request is answered wholly by one version (the one its
+    result names). Without a sync group,
     engines follow the `WeightBroadcaster` through the object store (`server.publish_weights`).
 
 No engine code imports the loop (`actors/`): the coordinator creates the group with the
@@ -68,7 +69,8 @@ class GenerationEngine:
         self.engine = PolicyEngine(model_cfg, lora_cfg if lora_cfg is not None and lora_cfg.enabled else None,
                                    gen_cfg.max_prompt_tokens, self.device)
         self.name = f"engine-{index}-{uuid.uuid4().hex[:6]}"
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # orders the callers on the event loop
+        self._model_lock = threading.Lock()  # the model: one batch or one weight swap at a time, whichever thread
         self._loop: asyncio.AbstractEventLoop | None = None  # the actor's event loop, once a call ran on it
         self._batcher: Batcher | None = None
         self._sync = None
@@ -96,7 +98,7 @@ class GenerationEngine:
         """Several requests as one batch (one version for all)."""
         async with self._lock:
             self._rows["generated"] += sum(r.n for r in requests)
-            return await asyncio.to_thread(self.engine.generate, requests, self.cfg.sampling)
+            return await asyncio.to_thread(self._locked, self.engine.generate, requests, self.cfg.sampling)
 
     async def rollout(self, request: RolloutRequest) -> RolloutBatch:
         """PPO rollouts of one trainer rank's share (batched with the other ranks')."""
@@ -104,7 +106,11 @@ class GenerationEngine:
 
     async def _run_batch(self, requests: list) -> list:
         async with self._lock:  # every answer of the batch is written by one version
-            return await asyncio.to_thread(self._compute, requests)
+            return await asyncio.to_thread(self._locked, self._compute, requests)
+
+    def _locked(self, fn, *args):
+        with self._model_lock:
+            return fn(*args)
 
     def _compute(self, requests: list) -> list:
         out: list[Any] = [None] * len(requests)
@@ -174,8 +180,8 @@ class GenerationEngine:
     def _receive_forever(self, group) -> None:
         from rlhf.sync import SyncGroupError
 
-        def apply(version: int, tensors: dict) -> None:
-            asyncio.run_coroutine_threadsafe(self._apply_pushed(version, tensors), self._loop).result()
+        def apply(version: int, tensors: dict) -> None:  # on this thread, between two batches
+            self._locked(self.engine.load_weights, WeightUpdate(version, tensors, adapters_only=self.engine.lora))
 
         while self._sync is group:
             try:
@@ -187,17 +193,12 @@ class GenerationEngine:
                 log.warning("engine %s left the sync group: %s", self.name, err)
                 return
 
-    async def _apply_pushed(self, version: int, tensors: dict) -> None:
-        update = WeightUpdate(version, tensors, adapters_only=self.engine.lora)
-        async with self._lock:
-            self.engine.load_weights(update)  # checks names and shapes first, then copies
-
     # -- weights: the object store (without a sync group) ----------------------------------------
 
     async def update_weights(self, update: WeightUpdate) -> int:
         """Swap weights on this engine directly (tests, a single engine)."""
         async with self._lock:
-            return await asyncio.to_thread(self.engine.load_weights, update)
+            return await asyncio.to_thread(self._locked, self.engine.load_weights, update)
 
     async def follow_broadcaster(self) -> None:
         """Long-poll the `WeightBroadcaster` for new versions (the object-store path)."""
@@ -221,9 +222,9 @@ class GenerationEngine:
 
                 async with self._lock:
                     if packed.nbytes <= APPLY_ON_LOOP_BYTES:
-                        load()
+                        self._locked(load)
                     else:
-                        await asyncio.to_thread(load)
+                        await asyncio.to_thread(self._locked, load)
                 del payload, packed
             except asyncio.CancelledError:
                 raise

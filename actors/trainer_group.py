@@ -53,7 +53,7 @@ class PPOWorker:
         `engines`, rollouts are sampled there."""
         from rlhf.devices import role_device
         from rlhf.models import build_critic, load_policy
-        from rlhf.ppo.trainer import PPOTrainer, init_distributed
+        from rlhf.ppo.trainer import PPOTrainer, init_distributed, zero3_loading
         from rlhf.threads import set_torch_threads
 
         cfg = self.spec
@@ -69,14 +69,19 @@ class PPOWorker:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         set_torch_threads(cfg.group.torch_threads, ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         init_distributed(None if backend == "auto" else backend)
+        # ZeRO-3 over several ranks: every model loads partitioned, never whole on a rank; without
+        # LoRA the reference is loaded apart (a deep copy of shards would be one rank's shard)
+        self._zero3 = zero3_loading(cfg.deepspeed, cfg.ppo, self.world_size, "cuda" if gpu else "cpu")
         policy, tokenizer = load_policy(cfg.model, cfg.lora)
+        reference = load_policy(cfg.model, None)[0] if self._zero3 is not None and not cfg.lora.enabled else None
         critic = build_critic(cfg.critic, policy, cfg.model, tokenizer) if cfg.ppo.uses_critic else None
 
         def reward_fn(prompts: list[str], responses: list[str]):
             return reward_model.score(prompts, responses)
 
         rollout_fn = engines.rollout if engines is not None else None
-        self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic, rollout_fn=rollout_fn)
+        self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic, rollout_fn=rollout_fn,
+                                  reference=reference)
         self.sft_cfg = cfg.sft
         self.sync = None
         return self.rank

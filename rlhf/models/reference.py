@@ -51,6 +51,16 @@ class ReferenceModel:
             frozen.requires_grad_(False)
             self._module = frozen
 
+    @classmethod
+    def frozen(cls, module: nn.Module) -> "ReferenceModel":
+        """A reference that is `module` itself, loaded apart from the policy (e.g. ZeRO-3
+        partitioned under an inference engine), frozen here."""
+        ref = cls.__new__(cls)
+        ref.shares_weights = False
+        module.eval().requires_grad_(False)
+        ref._module = module
+        return ref
+
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
         """Yield the module to call as the reference: gradients off, eval mode, and, when the

@@ -76,6 +76,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def zero3_loading(ds_cfg: DeepSpeedConfig, ppo_cfg: PPOConfig, world_size: int, device_type: str):
+    """Under ZeRO-3 with several ranks: an object while which lives, models that transformers
+    loads or builds from a config come partitioned over the ranks (its `HfDeepSpeedConfig`
+    runs `from_pretrained` and `from_config` under `deepspeed.zero.Init`), so no rank ever
+    holds a whole copy of a model that only fits sharded. None otherwise. Keep it as long as
+    the models (transformers holds it weakly); `init_distributed` must have run. Without
+    LoRA, load the reference apart under it too (`PPOTrainer(reference=...)`)."""
+    if ds_cfg.zero_stage != 3 or world_size <= 1:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    micro = max(1, ppo_cfg.minibatch_size // (world_size * ds_cfg.gradient_accumulation_steps))
+    return HfDeepSpeedConfig(deepspeed_config_dict(ds_cfg, micro_batch_size=micro, world_size=world_size,
+                                                   max_grad_norm=ppo_cfg.max_grad_norm, device_type=device_type))
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Join (or create) the default process group from the usual env vars (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without them, a group of one on a free local port.
@@ -172,8 +188,14 @@ class PPOTrainer:
         ds: DeepSpeedConfig,
         critic: nn.Module | None = None,
         rollout_fn: RolloutFn | None = None,
+        reference: nn.Module | None = None,
     ) -> None:
+        """`reference`: the initial policy loaded apart, frozen; needed (and only used) when the
+        policy's weights come ZeRO-3 partitioned without LoRA (`zero3_loading`): a deep copy of
+        partitioned weights would hold only this rank's shard. It gets an inference engine of
+        its own, which gathers each layer's weights for its forward."""
         from rlhf.models import ValueHeadCritic, reference_model
+        from rlhf.models.reference import ReferenceModel
 
         self.dist = init_distributed()
         self.cfg, self.ds_cfg = ppo, ds
@@ -198,7 +220,15 @@ class PPOTrainer:
             if critic is not None and not self.critic_is_head:
                 _enable_gradient_checkpointing(critic)
         # the reference is taken before any update (frozen copy, or adapters off under LoRA)
-        self.reference = reference_model(policy)
+        partitioned = any(hasattr(p, "ds_id") for p in policy.parameters())
+        if reference is not None and not self.is_peft:
+            reference.to(device=self.dist.device, dtype=dtype)
+            self.reference = ReferenceModel.frozen(self._inference_engine(reference))
+        elif partitioned and not self.is_peft:
+            raise ValueError("a ZeRO-3 partitioned policy without LoRA needs its reference loaded apart (reference=...): "
+                             "a deep copy of partitioned weights holds one rank's shard")
+        else:
+            self.reference = reference_model(policy)
         self.kl_ctl = core.make_kl_controller(ppo.kl_controller, ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.iteration = 0
         self.timings: dict[str, float] = {}
@@ -264,6 +294,16 @@ class PPOTrainer:
         )
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         return engine
+
+    def _inference_engine(self, module: nn.Module) -> nn.Module:
+        """`module` under a DeepSpeed engine without an optimiser (ZeRO-3: its forward gathers
+        each layer's shards); returns the module to call."""
+        import deepspeed
+
+        config = deepspeed_config_dict(self.ds_cfg, micro_batch_size=self.micro_batch_size, world_size=self.dist.world_size,
+                                       max_grad_norm=self.cfg.max_grad_norm, device_type=self.dist.device.type)
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+        return engine.module
 
     @property
     def _zero3_multi(self) -> bool:

@@ -42,13 +42,27 @@ def letter_reward(letter: str = "e"):
 
 def make_trainer(ppo: PPOConfig, ds: DeepSpeedConfig | None = None, lora: bool = False,
                  critic_kind: str = "separate", model: ModelConfig = TINY):
-    from rlhf.ppo.trainer import PPOTrainer
+    from rlhf.ppo.trainer import PPOTrainer, init_distributed, zero3_loading
 
+    ds = ds or DeepSpeedConfig()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    zero3 = reference = None
+    if ds.zero_stage == 3 and world > 1:  # load partitioned, as the trainer group does
+        init_distributed()
+        zero3 = zero3_loading(ds, ppo, world, "cpu")
     policy, tokenizer = load_policy(model, LoraConfig(enabled=lora, rank=4, alpha=8.0))
+    if zero3 is not None:  # every base weight is a shard here: no rank held the whole model
+        base = [p for n, p in policy.named_parameters() if "lora_" not in n]
+        assert all(hasattr(p, "ds_id") for p in base), "ZeRO-3 loading left a parameter whole"
+        assert sum(p.ds_tensor.numel() for p in base) < sum(p.ds_numel for p in base)
+        if not lora:
+            reference, _ = load_policy(model, None)
     critic = None
     if ppo.uses_critic:
         critic = build_critic(CriticConfig(kind=critic_kind), policy, model, tokenizer)
-    return PPOTrainer(policy, tokenizer, letter_reward(), ppo, ds or DeepSpeedConfig(), critic)
+    trainer = PPOTrainer(policy, tokenizer, letter_reward(), ppo, ds, critic, reference=reference)
+    trainer.partitioned_loading = zero3  # kept alive with the models
+    return trainer
 
 
 def prompts_for(iteration: int, n: int) -> list[str]:

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import torch  # noqa: E402
 
 from rlhf.ppo import DeepSpeedConfig, PPOConfig  # noqa: E402
-from tests.rlhf.ppo.helpers import make_trainer, prompts_for  # noqa: E402
+from rlhf.models import ModelConfig  # noqa: E402
+from tests.rlhf.ppo.helpers import TINY, make_trainer, prompts_for  # noqa: E402
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--save-dir", default="")
     ap.add_argument("--load-dir", default="")
+    ap.add_argument("--model-dir", default="", help="a saved model to load (source hf) instead of building the tiny one")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -37,7 +39,8 @@ def main() -> None:
         minibatch_size=args.minibatch, ppo_epochs=2, policy_lr=3e-3, critic_lr=3e-3, top_k=20,
         kl_coef=0.05, kl_controller="adaptive", kl_target=1.0, kl_horizon=100, lr_warmup_steps=3, seed=0,
     )
-    trainer = make_trainer(ppo, DeepSpeedConfig(zero_stage=args.zero), lora=args.lora, critic_kind=args.critic)
+    model = ModelConfig(source="hf", path=args.model_dir) if args.model_dir else TINY
+    trainer = make_trainer(ppo, DeepSpeedConfig(zero_stage=args.zero), lora=args.lora, critic_kind=args.critic, model=model)
     if args.load_dir:
         trainer.load_checkpoint(args.load_dir)
     for step in range(args.start, args.steps):

@@ -11,8 +11,9 @@ Members agree on the tensors when they join (each publishes its layout's digest;
 to join unless all agree). A push is: a header in the store under the next version's key,
 the tensors as a few flat buckets broadcast from rank 0 (one per dtype, cut at
 `bucket_bytes`), then an all-reduce of one number by which every receiver reports that it
-has applied the whole version (so `send` returns once every engine serves it). Receivers block on the store for the next key (no polling, so an
-idle group costs nothing and never times out); a member stops waiting when it writes that
+has applied the whole version (so `send` returns once every engine serves it). Receivers
+block in one store read of the next key (no polling, so an idle group costs nothing and
+never times out); a member stops waiting when it writes that
 key itself (`stop_receiving`), and fails when rank 0, the store's host, is gone.
 
 No Ray here: the engine and trainer actors decide who joins, this module moves the bytes.
@@ -31,6 +32,8 @@ from torch import Tensor
 
 HEADER = "hitl/push/{n}"  # the n-th push of the group
 DEFAULT_BUCKET_BYTES = 256 * 2**20
+PRUNE_EVERY = 64  # rank 0 deletes read headers in batches of this many
+IDLE_TIMEOUT = datetime.timedelta(days=365)  # how long a receiver waits for the next push
 
 
 class SyncGroupError(RuntimeError):
@@ -180,6 +183,8 @@ class SyncGroup:
         prefixed = dist.PrefixStore(name, store)
         _agree_on_layout(prefixed, rank, world, layout.digest())
         pg = _make_backend(backend, prefixed, rank, world, timeout)
+        if rank != 0:  # a receiver blocks in one store read until the next push (a timed-out read breaks the client)
+            prefixed.set_timeout(IDLE_TIMEOUT)
         return cls(prefixed, pg, rank, world, layout, torch.device(device), name, (host, port))
 
     # -- rank 0 ---------------------------------------------------------------------
@@ -194,10 +199,11 @@ class SyncGroup:
         self.store.set(HEADER.format(n=self.pushes + 1), json.dumps({"version": version, "digest": self._digest}))
         self._transfer()
         self._confirm(version)
-        if self.pushes:
-            self.store.delete_key(HEADER.format(n=self.pushes))
         self.pushes += 1
         self.last_version = version
+        if self.pushes % PRUNE_EVERY == 0:  # every member has read these headers: drop them, off the per-push path
+            for n in range(self.pushes - PRUNE_EVERY + 1, self.pushes + 1):
+                self.store.delete_key(HEADER.format(n=n))
 
     # -- ranks 1.. ------------------------------------------------------------------
 
@@ -209,11 +215,10 @@ class SyncGroup:
         fails on every member and the error is raised here."""
         key = HEADER.format(n=self.pushes + 1)
         try:
-            # one blocking wait (a store wait that times out leaves its connection unusable)
-            self.store.wait([key], datetime.timedelta(days=365))
+            # one blocking read: the receivers' store client never times out (see `join`)
+            header = json.loads(self.store.get(key))
         except RuntimeError as err:
             raise SyncGroupError(f"the sync group's store is gone (trainer rank 0 left): {err}") from err
-        header = json.loads(self.store.get(key))
         if header.get("stop") == self.rank:
             return None
         version = int(header["version"])

@@ -297,6 +297,7 @@ def test_the_prompt_file_is_mounted_on_the_driver(overlay):
             assert any(path.startswith(m + "/") for m in head), f"{where}/head: {path} is on no volume"
 
 
+@pytest.mark.ray  # imports the Serve application
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_rayservice_runs_the_generation_app_on_the_runs_checkpoints(overlay):
     from services.generation.app import ARGS

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from rlhf.storage import CheckpointStorage, write_policy
-from services.generation.app import app, engine_spec
+
+pytestmark = pytest.mark.ray  # the application imports Ray Serve (imported in the tests, so the unit tier can collect this file)
 
 PROFILE = {"model": {"source": "tiny", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
            "lora": {"enabled": False}, "generation": {"replicas": 1, "num_cpus": 0.25, "max_batch_size": 4},
@@ -13,6 +14,8 @@ PROFILE = {"model": {"source": "tiny", "hidden_size": 32, "num_layers": 2, "num_
 
 
 def test_arguments_and_sections_are_checked(tmp_path):
+    from services.generation.app import engine_spec
+
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(PROFILE))
     assert engine_spec({"config": str(path)}).generation.replicas == 1
@@ -29,6 +32,7 @@ def test_arguments_and_sections_are_checked(tmp_path):
 def test_it_serves_the_policy_of_the_latest_checkpoint(ray_session, tmp_path):
     from ray import serve
 
+    from services.generation.app import app, engine_spec
     from services.generation.engine import PolicyEngine
     from services.generation.server import EngineSpec
 

@@ -229,8 +229,10 @@ class Coordinator:
         """Give up the compute roles (best effort: some may be gone with their node)."""
         from ray import serve
 
+        from services.generation.server import APP_NAME
+
         for stop in (lambda: self.trainers.shutdown(), lambda: self.reward_model.shutdown(),
-                     lambda: serve.delete("hitl-generation"), lambda: self.engines.shutdown(), self.placement.release):
+                     lambda: serve.delete(APP_NAME), lambda: self.engines.shutdown(), self.placement.release):
             try:
                 stop()
             except Exception:  # noqa: BLE001 - a role already gone is fine
@@ -317,18 +319,15 @@ class Coordinator:
             t.join(10)
         try:
             import ray
-            from ray import serve
 
-            if hasattr(self, "trainers"):
+            if hasattr(self, "placement"):  # ray.init ran: every role that started is stopped, each on its own
                 self._stop_compute()
             if hasattr(self, "feedback_actor"):
                 ray.get(self.feedback_actor.stop.remote(), timeout=30)
-            serve.delete("hitl-generation")
             if self.cfg.generation.weight_sync == "object_store":
                 from services.generation.server import get_broadcaster
 
                 ray.kill(get_broadcaster())  # the next run's versions start afresh
-            self.placement.release()
         except Exception:  # noqa: BLE001 - best effort at exit
             log.exception("shutdown")
         if hasattr(self, "store"):

@@ -88,10 +88,6 @@ class PPOWorker:
 
     # -- the weight-sync group ------------------------------------------------------------
 
-    def sync_address(self) -> tuple[str, int]:
-        """Where rank 0 will host the sync group's store."""
-        return ray.util.get_node_ip_address(), _free_port()
-
     def join_sync(self, host: str, port: int, world: int, backend: str, layout, timeout_s: float) -> None:
         """Rank 0 joins the sync group (as its rank 0); the other ranks have nothing to join."""
         from rlhf.sync import SyncGroup
@@ -210,7 +206,8 @@ class PPOTrainerGroup:
         return self._all([w.export_weights.remote() for w in self.workers])[0]
 
     def sync_address(self) -> tuple[str, int]:
-        return ray.get(self.workers[0].sync_address.remote(), timeout=self.timeout_s)
+        """Where rank 0 will host the sync group's store (its node, a free port)."""
+        return ray.get(self.workers[0].address.remote(), timeout=self.timeout_s)
 
     def join_sync(self, host: str, port: int, world: int, backend: str, layout, timeout_s: float = 300.0) -> list:
         """Start rank 0's join; the caller waits on these refs together with the engines'."""

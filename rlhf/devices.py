@@ -31,11 +31,3 @@ def role_device(gpus: float, simulated: bool = False) -> torch.device:
         )
     return torch.device("cuda", 0)
 
-
-def check_gpus_visible(wanted: float) -> None:
-    """Fail before anything starts when a profile asks for GPUs that torch cannot see here."""
-    if wanted > 0 and not torch.cuda.is_available():
-        raise DeviceError(
-            f"the config asks for {wanted:g} GPU(s) per process but torch {torch.__version__} sees no GPU on this "
-            f"machine: run it where the CUDA build of torch sees the GPUs (deploy/ builds that image)"
-        )

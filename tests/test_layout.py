@@ -3,7 +3,8 @@
 * ``rlhf/`` (the Ray-free core) imports neither Ray, gRPC, ``services`` nor ``actors``;
 * ``services/`` imports no ``actors``;
 * only ``hitl/cli.py`` imports the command modules of every layer (nothing imports it);
-* nothing in the project reads ``../shared`` or another path outside the repository.
+* nothing in the project reads a path outside the repository (a sibling folder of the
+  checkout, say: a user's clone has nothing beside it).
 
 Every import statement counts, module-level or inside a function (the code imports Ray and
 DeepSpeed where they are used), so the scan reads the source; a probe also imports every

@@ -19,7 +19,7 @@ import yaml
 
 from rlhf.models import LoraConfig, ModelConfig
 from services.generation.config import GenerationConfig
-from services.generation.server import GenerationServer, EngineSpec
+from services.generation.server import EngineSpec, build_app
 
 ARGS = ("config", "checkpoints")
 
@@ -46,7 +46,4 @@ def engine_spec(args: dict) -> EngineSpec:
 def app(args: dict):
     """The Serve application (builder form: `serve run ...:app key=value`)."""
     spec = engine_spec(args)
-    g = spec.generation
-    deployment = GenerationServer.options(num_replicas=g.ingress_replicas, ray_actor_options={"num_cpus": 0},
-                                          max_ongoing_requests=g.max_ongoing_requests)
-    return deployment.bind(spec, str(spec.model.path or spec.model.source))
+    return build_app(spec, str(spec.model.path or spec.model.source), spec.generation)

@@ -11,7 +11,7 @@
 [2] Weights reach the engines over the sync group (`rlhf/sync.py`), or, with
     `weight_sync: object_store`, through the `WeightBroadcaster` below: the trainer side
     packs the tensors into one buffer plus an index (`packing.py`) and publishes (version,
-    packed); every engine long-polls it and swaps the tensors in under its batch lock;
+    packed); every engine long-polls it and swaps the tensors in under its model lock;
     `publish_weights` returns once every engine serves the new version.
 [3] Atomicity: each engine holds one lock over each batch and each swap, so every answer is
     written by exactly the version it reports in `policy_version`.
@@ -290,7 +290,7 @@ def replica_options(cfg: GenerationConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(engines: EngineGroup, model_name: str, cfg: GenerationConfig):
+def build_app(engines: "EngineGroup | EngineSpec", model_name: str, cfg: GenerationConfig):
     deployment = GenerationServer.options(
         num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.max_ongoing_requests
     )

@@ -34,20 +34,22 @@ def _tensors(version: int, extra: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-def _member(rank: int, world: int, port: int, versions: list[int], extra: bool, out, fail_at: int = 0) -> None:
+def _member(rank: int, world: int, port: int, versions: list[int], extra: bool, out, fail_at: int = 0,
+            backend: str = "gloo") -> None:
     try:
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         layout = WeightLayout.of(_tensors(0, extra=extra and rank == world - 1), bucket_bytes=300)
-        group = SyncGroup.join("127.0.0.1", port, rank, world, layout, timeout_s=60)
+        group = SyncGroup.join("127.0.0.1", port, rank, world, layout, backend, timeout_s=60, device=device)
         got = []
         if rank == 0:
             for v in versions:
-                group.send(v, _tensors(v))
+                group.send(v, {k: t.to(device) for k, t in _tensors(v).items()})
         else:
             def apply(version, tensors):
                 if version == fail_at and rank == world - 1:
                     raise ValueError("this engine cannot take the update")
                 expected = _tensors(version)
-                got.append((version, all(torch.equal(tensors[k], expected[k]) for k in expected)))
+                got.append((version, all(torch.equal(tensors[k].cpu(), expected[k]) for k in expected)))
 
             for _ in versions:
                 group.receive(apply)
@@ -56,11 +58,11 @@ def _member(rank: int, world: int, port: int, versions: list[int], extra: bool, 
         out.put((rank, type(err).__name__, str(err) + traceback.format_exc()[-500:]))
 
 
-def _run(world: int, versions: list[int], extra: bool = False, fail_at: int = 0) -> dict[int, tuple]:
+def _run(world: int, versions: list[int], extra: bool = False, fail_at: int = 0, backend: str = "gloo") -> dict[int, tuple]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_member, args=(r, world, port, versions, extra, out, fail_at)) for r in range(world)]
+    procs = [ctx.Process(target=_member, args=(r, world, port, versions, extra, out, fail_at, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results = {}
@@ -93,6 +95,13 @@ def test_pushes_reach_every_member_whole_and_in_order():
     assert results[0] == ("ok", [])
     for rank in (1, 2):
         assert results[rank] == ("ok", [(1, True), (2, True), (5, True)]), results[rank]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL group needs two GPUs (one rank each); none here")
+def test_pushes_over_nccl_reach_every_member_whole():
+    """The GPU path's contract (NCCL refuses two ranks on one device): runs where two GPUs are."""
+    results = _run(2, [1, 2], backend="nccl")
+    assert results[0] == ("ok", []) and results[1] == ("ok", [(1, True), (2, True)]), results
 
 
 def test_members_with_different_tensors_cannot_join():

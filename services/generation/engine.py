@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -38,6 +38,38 @@ class GenerateRequest:
             raise ValueError("give exactly one of prompt or messages")
         if not 1 <= self.n <= 16:
             raise ValueError(f"n: must lie in [1, 16], got {self.n}")
+
+
+TokenListener = Callable[[int, int], None]
+"""Hears (choice index, token id) of one request's answers as they are drawn."""
+
+
+class _RowStreamer:
+    """A `generate` streamer (transformers' BaseStreamer protocol) for a whole batch: each
+    step's (B,) new tokens go to the listener of the request each row answers, until that
+    row's first EOS. The first call carries the prompts and is skipped."""
+
+    def __init__(self, rows: list[tuple[int, int]], listeners: Mapping[int, TokenListener], eos: int | None):
+        self.rows, self.listeners, self.eos = rows, listeners, eos
+        self.started = False
+        self.done = [False] * len(rows)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:
+            self.started = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token == self.eos:
+                self.done[row] = True
+                continue
+            request, choice = self.rows[row]
+            if request in self.listeners:
+                self.listeners[request](choice, token)
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -174,8 +206,11 @@ class PolicyEngine:
         return prompt_text(self.tokenizer, request)
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[GenerateRequest], defaults) -> list[GenerateResult]:
-        """Answer a batch; requests with the same sampling settings share one `generate` call."""
+    def generate(self, requests: Sequence[GenerateRequest], defaults,
+                 listeners: Mapping[int, TokenListener] | None = None) -> list[GenerateResult]:
+        """Answer a batch; requests with the same sampling settings share one `generate` call.
+        ``listeners[i](choice, token_id)`` hears request i's answer tokens as they are drawn
+        (up to its first EOS), for streaming."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = (
@@ -188,14 +223,18 @@ class PolicyEngine:
             groups.setdefault(key, []).append(i)
         results: list[GenerateResult | None] = [None] * len(requests)
         for (max_new, temperature, top_p, seed, min_new), indices in groups.items():
-            for i, result in zip(indices, self._generate_group([requests[i] for i in indices], max_new, temperature, top_p, seed, min_new)):
+            heard = {k: listeners[i] for k, i in enumerate(indices) if listeners and i in listeners}
+            for i, result in zip(indices, self._generate_group([requests[i] for i in indices], max_new, temperature, top_p, seed,
+                                                               min_new, heard)):
                 results[i] = result
         return results  # type: ignore[return-value]
 
     def _generate_group(
-        self, requests: Sequence[GenerateRequest], max_new: int, temperature: float, top_p: float, seed: int | None, min_new: int = 0
+        self, requests: Sequence[GenerateRequest], max_new: int, temperature: float, top_p: float, seed: int | None, min_new: int = 0,
+        listeners: Mapping[int, TokenListener] | None = None,
     ) -> list[GenerateResult]:
         texts = [self.prompt_text(r) for r in requests for _ in range(r.n)]
+        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]  # row -> (request, choice)
         enc = self.tokenizer(
             texts,
             return_tensors="pt",
@@ -219,6 +258,7 @@ class PolicyEngine:
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            streamer=_RowStreamer(rows, listeners, self.tokenizer.eos_token_id) if listeners else None,
         )
         new = out[:, enc["input_ids"].shape[1] :]
         eos = self.tokenizer.eos_token_id

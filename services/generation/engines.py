@@ -30,13 +30,13 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import ray
 
 from rlhf.ppo.rollout import RolloutBatch, RolloutRequest
-from services.generation.batching import Batcher, BatchPolicy
+from services.generation.batching import Batcher, BatchPolicy, Failed
 from services.generation.config import GenerationConfig
 from services.generation.engine import (
     GenerateRequest,
@@ -51,6 +51,45 @@ log = logging.getLogger(__name__)
 APPLY_ON_LOOP_BYTES = 4 * 2**20
 """Updates up to this size are copied in on the engine's event loop (a few ms at most)
 instead of a worker thread: a thread hand-off costs more than the copy."""
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A request whose answer tokens are told to `listener` as they are drawn."""
+
+    request: GenerateRequest
+    listener: Any  # engine.TokenListener
+    told: list = field(default_factory=lambda: [0])  # tokens told so far (a retry must not repeat them)
+
+    def tell(self, choice: int, token: int) -> None:
+        self.told[0] += 1
+        self.listener(choice, token)
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """Text added to one choice of a streamed answer."""
+
+    choice: int
+    text: str
+
+
+class IncrementalDecoder:
+    """Token ids in, text out as soon as it is final: a token that ends inside a multi-byte
+    character (decoded as U+FFFD) is held until the character is complete."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent):], text
+        return new
 
 
 @ray.remote
@@ -94,6 +133,35 @@ class GenerationEngine:
         """One request, batched with whatever else arrives (people, tasks, rollouts)."""
         return await self._batch().submit(request)
 
+    @ray.method(num_returns="streaming")
+    async def generate_stream(self, request: GenerateRequest):
+        """One request, batched like `generate`, its answers told as they are written: yields
+        `StreamDelta`s (text added to a choice), then the `GenerateResult`."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+
+        def heard(choice: int, token: int) -> None:  # on the generating thread
+            loop.call_soon_threadsafe(tokens.put_nowait, (choice, token))
+
+        answer = asyncio.ensure_future(self._batch().submit(Streamed(request, heard)))
+        decoders = [IncrementalDecoder(self.engine.tokenizer) for _ in range(request.n)]
+        while not (answer.done() and tokens.empty()):
+            getter = asyncio.ensure_future(tokens.get())
+            await asyncio.wait([getter, answer], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            choice, token = getter.result()
+            text = decoders[choice].add(token)
+            if text:
+                yield StreamDelta(choice, text)
+        result = answer.result()  # raises the request's error, if it failed
+        for choice, final in enumerate(result.texts):  # whatever the decoders held back
+            rest = final[len(decoders[choice].sent):] if final.startswith(decoders[choice].sent) else ""
+            if rest:
+                yield StreamDelta(choice, rest)
+        yield result
+
     async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Several requests as one batch (one version for all)."""
         async with self._lock:
@@ -106,7 +174,27 @@ class GenerationEngine:
 
     async def _run_batch(self, requests: list) -> list:
         async with self._lock:  # every answer of the batch is written by one version
-            return await asyncio.to_thread(self._locked, self._compute, requests)
+            return await asyncio.to_thread(self._locked, self._compute_each_alone_on_failure, requests)
+
+    def _compute_each_alone_on_failure(self, requests: list) -> list:
+        """The batch; if it fails, each request alone, so a bad one fails only itself."""
+        try:
+            return self._compute(requests)
+        except Exception as err:
+            if len(requests) == 1:
+                raise
+            failure = err
+            log.warning("a batch of %d failed on engine %s; answering its requests one by one", len(requests), self.name)
+        out: list[Any] = []
+        for request in requests:
+            if isinstance(request, Streamed) and request.told[0]:  # its caller has part of an answer: no second one
+                out.append(Failed(failure))
+                continue
+            try:
+                out.extend(self._compute([request]))
+            except Exception as err:  # noqa: BLE001 - this request's caller gets it
+                out.append(Failed(err))
+        return out
 
     def _locked(self, fn, *args):
         with self._model_lock:
@@ -114,12 +202,14 @@ class GenerationEngine:
 
     def _compute(self, requests: list) -> list:
         out: list[Any] = [None] * len(requests)
-        chats = [i for i, r in enumerate(requests) if isinstance(r, GenerateRequest)]
+        chats = [i for i, r in enumerate(requests) if isinstance(r, (GenerateRequest, Streamed))]
         rollouts = [i for i, r in enumerate(requests) if isinstance(r, RolloutRequest)]
-        self._rows["generated"] += sum(requests[i].n for i in chats)
+        listeners = {k: requests[i].tell for k, i in enumerate(chats) if isinstance(requests[i], Streamed)}
+        plain = [requests[i].request if isinstance(requests[i], Streamed) else requests[i] for i in chats]
+        self._rows["generated"] += sum(r.n for r in plain)
         self._rows["rollouts"] += sum(len(requests[i].prompts) for i in rollouts)
         if chats:
-            for i, result in zip(chats, self.engine.generate([requests[i] for i in chats], self.cfg.sampling)):
+            for i, result in zip(chats, self.engine.generate(plain, self.cfg.sampling, listeners or None)):
                 out[i] = result
         if rollouts:
             for i, result in zip(rollouts, self.engine.rollout_many([requests[i] for i in rollouts])):

@@ -19,20 +19,22 @@
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures at runtime
 import asyncio
+import json
 import logging
 import time
 import uuid
 from typing import Any
 
 import ray
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rlhf.models import LoraConfig, ModelConfig
 from services.generation.config import GenerationConfig
 from services.generation.engine import GenerateRequest, GenerateResult, StaleWeights
-from services.generation.engines import EngineGroup
+from services.generation.engines import EngineGroup, StreamDelta
 from services.generation.packing import PackedTensors, pack_tensors
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,12 @@ def get_broadcaster(namespace: str | None = None):
 # -- OpenAI-compatible request bodies ------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -164,7 +172,10 @@ class _Body(BaseModel):
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
 
 
 class CompletionBody(_Body):
@@ -183,16 +194,81 @@ class ChatBody(_Body):
 app = FastAPI(title="hitl generation server")
 
 
+class ApiError(Exception):
+    """A refused request, answered in the OpenAI error shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return err.response()
+
+
+@app.exception_handler(RecursionError)
+async def _too_deep(request: Request, err: RecursionError) -> JSONResponse:
+    return ApiError(400, "the request body nests too deeply", code="invalid_body").response()
+
+
+class HttpGuard:
+    """What every HTTP request passes before its body is read: the API key (when the server has
+    keys) and the declared body size."""
+
+    def __init__(self, cfg: GenerationConfig):
+        from services.exposure import read_api_keys
+
+        self.keys = read_api_keys(cfg.api_keys_file, "generation.api_keys_file") if cfg.api_keys_file else ()
+        self.max_body_bytes = cfg.max_body_bytes
+
+    def check(self, request: Request) -> None:
+        from services.exposure import key_matches
+
+        if self.keys:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not key_matches(token.strip(), self.keys):
+                raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key")
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None:
+                raise ApiError(411, "the request needs a Content-Length header", code="length_required")
+            if not length.isdigit() or int(length) > self.max_body_bytes:
+                raise ApiError(413, f"the request body is over {self.max_body_bytes} bytes", code="body_too_large")
+
+
+@app.middleware("http")
+async def _guard(request: Request, call_next):
+    guard: HttpGuard | None = getattr(request.app.state, "guard", None)
+    if guard is None:  # the replica has not finished starting
+        return ApiError(503, "the server is starting", code="starting").response()
+    try:
+        guard.check(request)
+    except ApiError as err:
+        return err.response()
+    return await call_next(request)
+
+
 @serve.deployment(name="GenerationServer")
 @serve.ingress(app)
 class GenerationServer:
     """The ingress: routes requests to the engines; no model here."""
 
-    def __init__(self, engines: "EngineGroup | EngineSpec", model_name: str):
+    def __init__(self, engines: "EngineGroup | EngineSpec", model_name: str, cfg: GenerationConfig | None = None):
+        cfg = cfg or GenerationConfig()
+        guard = HttpGuard(cfg)  # a bad keys file fails the replica before any engine starts
         if isinstance(engines, EngineSpec):  # on its own (services/generation/app.py): its engines are its children
             engines = engines.start()
         self.engines = engines
         self.model_name = model_name
+        self.cfg = cfg
+        app.state.guard = guard
         self._inflight = [0] * len(engines.engines)
         self._replica = uuid.uuid4().hex[:8]
 
@@ -201,6 +277,16 @@ class GenerationServer:
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Answer one request on the least busy engine (batched there with concurrent ones)."""
         return await self._on_engine(lambda e: e.generate.remote(request))
+
+    async def generate_stream(self, request: GenerateRequest):
+        """One request's answers as they are written: `StreamDelta`s, then the `GenerateResult`."""
+        i = min(range(len(self._inflight)), key=self._inflight.__getitem__)
+        self._inflight[i] += 1
+        try:
+            async for ref in self.engines.engines[i].generate_stream.remote(request):
+                yield await ref
+        finally:
+            self._inflight[i] -= 1
 
     async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Answer several requests as one batch on one engine (same version for all)."""
@@ -229,13 +315,31 @@ class GenerationServer:
 
     # -- HTTP (OpenAI-compatible) ---------------------------------------------------
 
+    def _check(self, body: "_Body") -> None:
+        """Refuse a request outside the server's bounds, or for another model."""
+        if body.model is not None and body.model != self.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if body.max_tokens is not None and body.max_tokens > self.cfg.max_tokens_limit:
+            raise ApiError(400, f"max_tokens: at most {self.cfg.max_tokens_limit}, got {body.max_tokens}", param="max_tokens")
+
     @app.post("/v1/completions")
     async def completions(self, body: CompletionBody) -> dict:
+        self._check(body)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if not prompts:
-            raise HTTPException(400, "prompt: must not be empty")
+            raise ApiError(400, "prompt: must not be empty", param="prompt")
+        if len(prompts) > self.cfg.max_prompts:
+            raise ApiError(400, f"prompt: at most {self.cfg.max_prompts} prompts per request, got {len(prompts)}", param="prompt")
+        longest = max(len(p) for p in prompts)
+        if longest > self.cfg.max_prompt_chars:
+            raise ApiError(400, f"prompt: at most {self.cfg.max_prompt_chars} characters, got {longest}", param="prompt")
         requests = [GenerateRequest(prompt=p, max_new_tokens=body.max_tokens, temperature=body.temperature,
                                     top_p=body.top_p, n=body.n, seed=body.seed) for p in prompts]
+        if body.stream:
+            if len(requests) > 1:
+                raise ApiError(400, "prompt: a streamed completion takes one prompt", param="prompt")
+            return self._sse(requests[0], body, "text_completion")
         results = await self._answer(requests)
         choices = [
             {"index": i * body.n + j, "text": text, "finish_reason": reason, "logprobs": None}
@@ -246,8 +350,16 @@ class GenerationServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatBody) -> dict:
+        self._check(body)
+        if len(body.messages) > self.cfg.max_messages:
+            raise ApiError(400, f"messages: at most {self.cfg.max_messages}, got {len(body.messages)}", param="messages")
+        chars = sum(len(m.content) for m in body.messages)
+        if chars > self.cfg.max_prompt_chars:
+            raise ApiError(400, f"messages: at most {self.cfg.max_prompt_chars} characters in all, got {chars}", param="messages")
         request = GenerateRequest(messages=tuple((m.role, m.content) for m in body.messages), max_new_tokens=body.max_tokens,
                                   temperature=body.temperature, top_p=body.top_p, n=body.n, seed=body.seed)
+        if body.stream:
+            return self._sse(request, body, "chat.completion.chunk")
         [result] = await self._answer([request])
         choices = [
             {"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
@@ -258,6 +370,45 @@ class GenerationServer:
     @app.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "policy_version": await self.policy_version()}]}
+
+    def _sse(self, request: GenerateRequest, body: "_Body", kind: str) -> StreamingResponse:
+        """Server-sent events as OpenAI's streaming API sends them: a chunk per piece of text
+        (chat: the role first), a last chunk per choice with its finish reason, with
+        `stream_options.include_usage` a chunk with the usage, then `[DONE]`."""
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        chat = kind == "chat.completion.chunk"
+
+        def event(choices: list[dict], **extra) -> str:
+            chunk = {"id": cid, "object": kind, "created": created, "model": self.model_name, "choices": choices, **extra}
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        def choice(index: int, text: str | None, reason: str | None = None, role: bool = False) -> dict:
+            if not chat:
+                return {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+            delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "finish_reason": reason}
+
+        async def events():
+            if chat:
+                yield event([choice(j, None, role=True) for j in range(request.n)])
+            try:
+                async for item in self.generate_stream(request):
+                    if isinstance(item, StreamDelta):
+                        yield event([choice(item.choice, item.text)])
+                        continue
+                    result: GenerateResult = item
+                    yield event([choice(j, None, reason) for j, reason in enumerate(result.finish_reasons)],
+                                policy_version=result.policy_version)
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                                 "total_tokens": result.prompt_tokens + result.completion_tokens}
+                        yield event([], usage=usage)
+            except Exception as err:  # noqa: BLE001 - the stream has begun (200): the error is its last event
+                log.warning("a streamed request failed: %s", err)
+                yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _answer(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         if len(requests) == 1:
@@ -290,11 +441,19 @@ def replica_options(cfg: GenerationConfig) -> dict[str, Any]:
     return options
 
 
+def http_options(cfg: GenerationConfig) -> dict[str, Any]:
+    """Serve's HTTP options: the address, and TLS when the config has a certificate."""
+    options: dict[str, Any] = {"host": cfg.http_host, "port": cfg.http_port}
+    if cfg.tls_cert_file:
+        options.update(ssl_certfile=cfg.tls_cert_file, ssl_keyfile=cfg.tls_key_file)
+    return options
+
+
 def build_app(engines: "EngineGroup | EngineSpec", model_name: str, cfg: GenerationConfig):
     deployment = GenerationServer.options(
         num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.max_ongoing_requests
     )
-    return deployment.bind(engines, model_name)
+    return deployment.bind(engines, model_name, cfg)
 
 
 _publish_handle: "tuple[tuple[str, str], Any] | None" = None  # ((job, node), broadcaster handle)
@@ -327,7 +486,11 @@ def start_generation_server(model_cfg: ModelConfig, lora_cfg: LoraConfig | None,
     """Deploy the ingress on the connected Ray cluster (starting the engines unless given);
     returns its DeploymentHandle."""
     if http:
-        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+        if cfg.api_keys_file:  # a missing or unsafe keys file stops here, before anything starts
+            from services.exposure import read_api_keys
+
+            read_api_keys(cfg.api_keys_file, "generation.api_keys_file")
+        serve.start(http_options=http_options(cfg))
     engines = engines if engines is not None else start_engines(model_cfg, lora_cfg, cfg)
     model_name = str(model_cfg.path or model_cfg.source)
     return serve.run(build_app(engines, model_name, cfg), name=APP_NAME, route_prefix=cfg.route_prefix if http else None)

@@ -41,8 +41,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -54,6 +55,7 @@ from services.generation.engine import (
     GenerateRequest,
     GenerateResult,
     StaleWeights,
+    TokenListener,
     WeightUpdate,
     check_update,
     prompt_text,
@@ -220,10 +222,43 @@ class VllmPolicyEngine:
 
         return SamplingParams(stop_token_ids=list(self._eos), detokenize=False, **kw)
 
-    def _run(self, prompts: list[list[int]], params: list) -> list:
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                 lora_request=self._adapter)
-        return list(outs)
+    def _run(self, prompts: list[list[int]], params: list, listeners: Mapping[int, TokenListener] | None = None) -> list:
+        if not listeners:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                     lora_request=self._adapter)
+            return list(outs)
+        return self._run_stepwise(prompts, params, listeners)
+
+    def _run_stepwise(self, prompts: list[list[int]], params: list, listeners: Mapping[int, TokenListener]) -> list:
+        """What `LLM.generate` does, one engine step at a time, telling the listeners each
+        new token of their requests as the step that drew it ends."""
+        engine = self.llm.llm_engine
+        batch = uuid.uuid4().hex[:8]
+        owner = {}
+        for k, (prompt, sp) in enumerate(zip(prompts, params)):
+            given = f"hitl-{batch}-{k}"
+            owner[given] = k
+            owner[engine.add_request(given, {"prompt_token_ids": prompt}, sp, lora_request=self._adapter)] = k
+        # a step's output carries only the choices it advanced (each cumulative): keep the latest of each
+        latest: dict[int, dict[int, object]] = {k: {} for k in range(len(prompts))}
+        finished: set[int] = set()
+        told: dict[tuple[int, int], int] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                k = owner[out.request_id]
+                for completion in out.outputs:
+                    latest[k][completion.index] = completion
+                    if k in listeners:
+                        start = told.get((k, completion.index), 0)
+                        body, _ = self._body(completion.token_ids)
+                        for token in body[start:]:
+                            listeners[k](completion.index, token)
+                        told[(k, completion.index)] = max(start, len(body))
+                if out.finished:
+                    finished.add(k)
+        if len(finished) != len(prompts):
+            raise RuntimeError(f"vLLM finished {len(finished)} of {len(prompts)} requests")
+        return [_Answer([latest[k][i] for i in sorted(latest[k])]) for k in range(len(prompts))]
 
     def _body(self, token_ids: Sequence[int]) -> tuple[list[int], bool]:
         """The answer's tokens before the first EOS, and whether an EOS ended it."""
@@ -269,8 +304,10 @@ class VllmPolicyEngine:
         return prompt_text(self.tokenizer, request)
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[GenerateRequest], defaults) -> list[GenerateResult]:
-        """Answer a batch of requests in one vLLM call."""
+    def generate(self, requests: Sequence[GenerateRequest], defaults,
+                 listeners: Mapping[int, TokenListener] | None = None) -> list[GenerateResult]:
+        """Answer a batch of requests in one vLLM call (stepwise when someone listens, see
+        `PolicyEngine.generate`)."""
         prompts = [self._ids(self.prompt_text(r)) for r in requests]
         params = []
         for r in requests:
@@ -281,7 +318,7 @@ class VllmPolicyEngine:
                 max_tokens=max_new, min_tokens=min(r.min_new_tokens, max_new), seed=r.seed,
             ))
         results = []
-        for prompt, out in zip(prompts, self._run(prompts, params)):
+        for prompt, out in zip(prompts, self._run(prompts, params, listeners)):
             texts, reasons, count = [], [], 0
             for completion in sorted(out.outputs, key=lambda c: c.index):
                 body, stopped = self._body(completion.token_ids)
@@ -290,6 +327,13 @@ class VllmPolicyEngine:
                 count += len(body)
             results.append(GenerateResult(texts, reasons, len(prompt), count, self.version))
         return results
+
+
+class _Answer:
+    """A request's choices as `LLM.generate` returns them (`outputs`), gathered from the steps."""
+
+    def __init__(self, outputs: list) -> None:
+        self.outputs = outputs
 
 
 class _GenerationConfigOf:

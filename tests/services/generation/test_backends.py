@@ -113,6 +113,18 @@ def test_n_answers_usage_and_finish_reasons(lora_engine):
     assert again.texts == r.texts  # a seed fixes the answers
 
 
+def test_streamed_answers_are_the_answers(lora_engine):
+    import ray
+
+    _, group = lora_engine
+    request = GenerateRequest(prompt=PROMPTS[0], max_new_tokens=8, temperature=1.0, seed=11, n=2)
+    *deltas, result = [ray.get(ref) for ref in group.engines[0].generate_stream.remote(request)]
+    assert [("".join(d.text for d in deltas if d.choice == j)) for j in range(2)] == result.texts
+    assert len(deltas) >= 2  # told as they were drawn
+    [plain] = ray.get(group.engines[0].generate_many.remote([request]), timeout=120)
+    assert plain.texts == result.texts  # streaming changes nothing but the delivery
+
+
 def test_rollouts_are_seeded_per_sample_whatever_the_batch(lora_engine):
     _, group = lora_engine
     rows = tuple(p for p in PROMPTS for _ in range(2))

@@ -194,3 +194,20 @@ def test_callers_that_queued_while_a_batch_ran_count_in_the_next_ones_expected_s
     rec, results = run(main())
     assert rec.batches[0] == [0, 1]
     assert sorted(rec.batches[1]) == [2, 3, 4, 10, 11]  # 2 answered + 3 that waited: it waited for 5
+
+
+def test_a_failed_result_fails_its_own_request_only():
+    from services.generation.batching import Failed
+
+    async def run_batch(items: list[int]) -> list:
+        return [Failed(ValueError(f"item {x} is bad")) if x == 2 else x * 10 for x in items]
+
+    async def main():
+        batcher = Batcher(run_batch, BatchPolicy(max_batch_size=8, max_wait_s=0.05, idle_s=0.01))
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+        batcher.close()
+        return results
+
+    results = run(main())
+    assert results[0] == 0 and results[1] == 10 and results[3] == 30
+    assert isinstance(results[2], ValueError) and "item 2" in str(results[2])

@@ -80,7 +80,10 @@ def curate(
 
     `weights[annotator]` (absent: 1) multiplies the weight of that annotator's items; an item
     whose weight comes to 0 is dropped (`dropped/zero_weight`). Preferences and rankings of
-    `paused` annotators are counted (`paused/<kind>`) and not used.
+    `paused` annotators are counted (`paused/<kind>`) and not used; neither are their flags, nor
+    the flags of an annotator whose weight is 0. A preference or ranking followed (in
+    `records`) by another of the same annotator on the same task is replaced by it
+    (`superseded/<kind>`): one vote per annotator and task.
 
     `memory` carries flags and used items across rounds (updated in place; a fresh one when
     None); `round_` tags what this round uses. Up to `max_demonstrations` corrections become
@@ -92,18 +95,29 @@ def curate(
     out = Curated()
     if records:
         out.first_seq, out.last_seq = records[0].seq, records[-1].seq
+    # a later preference or ranking of the same annotator on the same task is an edit: it replaces the earlier
+    last = {(s.record.task_id, s.record.annotator_id, s.record.WhichOneof("judgement")): i for i, s in enumerate(records)}
     for s in records:
         out.received[s.record.WhichOneof("judgement")] += 1
         out.by_annotator[s.record.annotator_id] += 1
         if s.record.WhichOneof("judgement") == "flag":
+            if s.record.annotator_id in paused:  # a paused annotator's flag removes nothing
+                out.counts["paused/flag"] += 1
+                continue
+            if weights is not None and weights.get(s.record.annotator_id, 1.0) == 0.0:  # nor does a weightless one's
+                out.counts["dropped/zero_weight"] += 1
+                continue
             category = memory.add_flag(s.record.flag, s.record.task_id)
             out.counts[f"flag/{category}"] += 1
             content = _flagged_content(s.record, task_of(s.record.task_id), category)
             if content is not None:
                 out.flagged.append(content)
-    for s in records:
+    for i, s in enumerate(records):
         r = s.record
         kind = r.WhichOneof("judgement")
+        if kind in ("preference", "ranking") and last[(r.task_id, r.annotator_id, kind)] != i:
+            out.counts[f"superseded/{kind}"] += 1
+            continue
         if kind == "correction" and max_demonstrations > 0:
             _use(out, r, _curate_correction(r, task_of, weights, paused, cfg, memory, round_, max_demonstrations, out))
             continue

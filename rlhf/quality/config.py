@@ -31,7 +31,11 @@ class AnnotatorQualityConfig(BaseModel):
     """Annotators whose gold accuracy is below this (over at least `min_gold`) are paused."""
     min_consensus: int = Field(5, ge=1)
     """Without enough gold: units with a majority among the other annotators needed before
-    agreement with that majority sets the weight (fewer: weight 1)."""
+    agreement with that majority sets the weight (fewer: `new_annotator_weight`)."""
+    new_annotator_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of an annotator whom neither gold nor consensus has measured yet: below an
+    honest annotator's (an annotator right 90% of the time earns 0.8), so that ids invented
+    to outvote people start with little say and earn the rest on gold."""
     position_bias_z: float = Field(3.0, gt=0.0)
     """|z| of the rate of choosing the answer shown first beyond which it is reported as biased."""
     lead_time_z: float = Field(3.0, gt=0.0)
@@ -53,6 +57,7 @@ class AnnotatorQualityConfig(BaseModel):
         return QualityConfig(
             min_gold=self.min_gold,
             min_consensus=self.min_consensus,
+            prior_weight=self.new_annotator_weight,
             pause_below_gold_accuracy=self.pause_below_gold_accuracy,
             lead_time_z=self.lead_time_z,
             position_bias_z=self.position_bias_z,

@@ -83,6 +83,7 @@ def _metric(level: Level, marginals: Mapping):
 class QualityConfig:
     min_gold: int = 5  # gold answers needed before gold accuracy counts
     min_consensus: int = 1  # units with a majority of the others needed before consensus agreement sets the weight
+    prior_weight: float = 1.0  # the weight of an annotator neither gold nor consensus has measured yet
     pause_below_gold_accuracy: float = 0.6
     lead_time_z: float = 3.0  # robust z beyond which an annotator's median lead time is an outlier
     position_bias_z: float = 3.0  # |z| beyond which the left-position rate counts as biased
@@ -105,25 +106,61 @@ class AnnotatorQuality:
     weight: float = 1.0
     paused: bool = False
     reasons: list[str] = field(default_factory=list)
+    superseded: int = 0  # answers replaced by a later answer of theirs to the same unit (edits, not votes)
+
+
+def latest_judgements(judgements: Iterable[Judgement]) -> list[Judgement]:
+    """One judgement per (annotator, unit, kind): the last one given. A second answer to the
+    same unit is an edit, not another vote: an annotator who answers a unit three times
+    counts once, in consensus, gold and every figure."""
+    latest: dict[tuple, Judgement] = {}
+    for j in judgements:
+        latest.pop((j.annotator, j.unit, j.kind), None)  # re-inserted: the last answer keeps the last place
+        latest[(j.annotator, j.unit, j.kind)] = j
+    return list(latest.values())
 
 
 def _consensus(judgements: Sequence[Judgement]) -> dict[str, tuple[int, int]]:
-    """Per annotator: (units where a strict majority of the others exists, matches with it)."""
+    """Per annotator: (units where the others have a strict majority, matches with it).
+
+    Two passes. First, each annotator's agreement with the plain majority of everyone on each
+    unit gives a provisional weight (2·agreement − 1, floored at 0). Then each annotator is
+    compared with the majority of the *others*, each other counted with that provisional
+    weight. So annotators who always vote against the rest carry no weight in anyone's
+    consensus: two invented ids that side against three people no longer make every unit a
+    tie from each person's point of view."""
     by_unit: dict[Hashable, list[Judgement]] = defaultdict(list)
     for j in judgements:
         by_unit[j.unit].append(j)
+    first: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for unit_judgements in by_unit.values():
+        top = _strict_top(Counter(j.value for j in unit_judgements))
+        if top is None or len(unit_judgements) < 2:
+            continue
+        for j in unit_judgements:
+            first[j.annotator][0] += 1
+            first[j.annotator][1] += int(j.value == top)
+    provisional = {a: max(0.0, 2.0 * m / u - 1.0) for a, (u, m) in first.items()}
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for unit_judgements in by_unit.values():
         for j in unit_judgements:
-            others = Counter(o.value for o in unit_judgements if o.annotator != j.annotator)
-            if not others:
-                continue
-            (top, count), *rest = others.most_common(2) + [(None, 0)]
-            if rest and rest[0][1] == count:
+            others: Counter = Counter()
+            for o in unit_judgements:
+                if o.annotator != j.annotator:
+                    others[o.value] += provisional.get(o.annotator, 1.0)
+            top = _strict_top(others)
+            if top is None:
                 continue  # no strict majority among the others
             tally[j.annotator][0] += 1
             tally[j.annotator][1] += int(j.value == top)
     return {a: (t[0], t[1]) for a, t in tally.items()}
+
+
+def _strict_top(counts: Counter) -> Hashable | None:
+    """The value with the most (weighted) votes, if it has more than any other and more than 0."""
+    ranked = counts.most_common(2) + [(None, 0), (None, 0)]
+    (top, n), (_, second) = ranked[0], ranked[1]
+    return top if n > 0 and n != second else None
 
 
 def _robust_z(values: Mapping[str, float]) -> dict[str, float]:
@@ -144,7 +181,9 @@ def annotator_report(
 ) -> dict[str, AnnotatorQuality]:
     """Quality figures per annotator (see the module docstring); gold maps unit -> right answer."""
     cfg = cfg or QualityConfig()
-    judgements = list(judgements)
+    given = list(judgements)
+    judgements = latest_judgements(given)
+    answered = Counter(j.annotator for j in given)
     gold = gold or {}
     report: dict[str, AnnotatorQuality] = {}
     by_annotator: dict[str, list[Judgement]] = defaultdict(list)
@@ -153,7 +192,7 @@ def annotator_report(
     consensus = _consensus([j for j in judgements if j.unit not in gold])
     log_lead = {}
     for name, js in by_annotator.items():
-        q = AnnotatorQuality(name, judgements=len(js))
+        q = AnnotatorQuality(name, judgements=len(js), superseded=answered[name] - len(js))
         if consensus.get(name, (0, 0))[0]:
             units, matches = consensus[name]
             q.consensus_agreement = matches / units
@@ -184,7 +223,9 @@ def annotator_report(
 def _weigh(q: AnnotatorQuality, cfg: QualityConfig) -> None:
     """Weight = how far above chance the annotator is (2·accuracy − 1, floored at 0), from
     gold when enough gold was answered, else from consensus when the others agreed on enough
-    units, else 1; pause under the gold threshold."""
+    units, else the prior (`prior_weight`: below an honest annotator's, a new id earns its say);
+    pause under the gold threshold."""
+    q.weight = cfg.prior_weight
     if q.gold_accuracy is not None and q.gold_answered >= cfg.min_gold:
         q.weight = max(0.0, 2.0 * q.gold_accuracy - 1.0)
         if q.gold_accuracy < cfg.pause_below_gold_accuracy:
@@ -202,6 +243,6 @@ def alpha_by_kind(judgements: Iterable[Judgement], levels: Mapping[str, Level] |
     """Krippendorff's alpha per question kind (preference: nominal, ranking: ordinal, rating: interval)."""
     levels = {"preference": "nominal", "ranking": "ordinal", "rating": "interval", **(levels or {})}
     units: dict[str, dict[Hashable, list]] = defaultdict(lambda: defaultdict(list))
-    for j in judgements:
+    for j in latest_judgements(judgements):  # one value per annotator and unit
         units[j.kind][j.unit].append(j.value)
     return {kind: krippendorff_alpha(u, levels.get(kind, "nominal")) for kind, u in units.items()}

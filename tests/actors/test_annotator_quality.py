@@ -245,7 +245,8 @@ def test_weights_and_pausing_flow_into_curation(tmp_path):
         rows = {row["annotator"]: row for row in report["overall"]["annotators"]}
         assert rows["cid"]["paused"] and rows["cid"]["gold_accuracy"] == 0.0 and rows["cid"]["gold_answered"] == 12
         assert rows["cid"]["lead_time_outlier"] and not rows["ann"]["lead_time_outlier"]
-        assert rows["cid"]["consensus_agreement"] == 0.0 and rows["ann"]["consensus_agreement"] is None  # ann's others split
+        # cid, against the others everywhere, carries no weight in ann's consensus: bea's answers are it
+        assert rows["cid"]["consensus_agreement"] == 0.0 and rows["ann"]["consensus_agreement"] == 1.0
         assert rows["bea"]["gold_accuracy"] == round(11 / 12, 4)
         assert report["overall"]["alpha"]["preference"] < 0.5  # cid disagrees with the others everywhere
         json.dumps(report, allow_nan=False)  # the round report is plain JSON
@@ -409,3 +410,64 @@ def test_a_random_annotator_is_paused_and_the_reward_model_is_better_without_it(
 
     on_everything, on_the_rest = held_out_accuracy(everything.items), held_out_accuracy(kept.items)
     assert on_the_rest >= 0.85 and on_the_rest >= on_everything + 0.05, (on_the_rest, on_everything)
+
+
+@pytest.mark.slow
+def test_invented_annotators_who_vote_many_times_move_neither_weights_nor_the_reward_model(tmp_path, tiny_model):
+    """The reproduction: three people (10% coin flips) judge every pair once; two invented ids
+    vote against the rule on every pair, three times each, over real gRPC. Each id's repeats
+    count once (the last answer), the ids earn weight 0 from the people's consensus while the
+    people keep theirs (no gold needed), and a tiny reward model trained on the weighted mix
+    prefers what the people prefer."""
+    import torch
+
+    from rlhf.preferences import Choice, PreferencePair
+    from rlhf.reward import RewardConfig, build_reward_model, evaluate_preferences, train_reward_model
+    from services.feedback.client import FeedbackClient
+    from tests.services.feedback.conftest import running_server
+
+    judge, rng = Judge(RULE), random.Random(5)
+    tasks = [pair_task(f"t{i}", a, b, wanted=5, prompt=prompt) for i, (prompt, a, b, _) in enumerate(rule_pairs(240, seed=1))]
+    people, invented = [f"person-{i}" for i in range(3)], [f"invented-{i}" for i in range(2)]
+    records = []
+    for t in tasks:
+        a, b = t.candidates[0].text, t.candidates[1].text
+        for who in people:
+            verdict = judge.noisy_compare(t.prompt, a, b, 0.1, rng)
+            records.append(pref(t.task_id, who, A if verdict == "a" else B))
+        against = B if judge.compare(t.prompt, a, b) == "a" else A
+        for who in invented:
+            records += [pb.FeedbackRecord(feedback_id=f"{who}:{t.task_id}:{k}", project=PROJECT, task_id=t.task_id,
+                                          annotator_id=who, lead_time_seconds=3.0,
+                                          preference=pb.Preference(candidate_a_id=f"{t.task_id}-0",
+                                                                   candidate_b_id=f"{t.task_id}-1", choice=against))
+                        for k in range(3)]
+    with running_server(f"sqlite:///{tmp_path / 'f.db'}") as server:
+        store = server.server.store
+        store.add_tasks(tasks)
+        client = FeedbackClient(server.address)
+        for start in range(0, len(records), 200):
+            assert all(r.status == pb.RecordResult.STATUS_ACCEPTED for r in client.submit(records[start : start + 200]))
+        stored = list(store.iter_after(0))
+        applied = QualityTracker(AnnotatorQualityConfig(min_consensus=5), store, PROJECT, judge=None, prompt_id=str).assess(stored, 0)
+        kept = curate(stored, store.get_task, weights=applied.weights, paused=applied.paused)
+        unweighted = curate(stored, store.get_task)
+
+    assert len(stored) == len(tasks) * (3 + 2 * 3)
+    assert min(applied.weights[p] for p in people) > max(applied.weights[i] for i in invented) == 0.0
+    rows = {row["annotator"]: row for row in applied.report["overall"]["annotators"]}
+    assert all(rows[i]["judgements"] == len(tasks) and rows[i]["superseded"] == 2 * len(tasks) for i in invented)
+    assert kept.counts["superseded/preference"] == 2 * 2 * len(tasks)  # one vote per id and task
+    assert kept.counts["dropped/zero_weight"] == 2 * len(tasks) and not {i.annotator_id for i in kept.items} & set(invented)
+
+    held_out = [PreferencePair(p, a, b, Choice.A if v == "a" else Choice.B) for p, a, b, v in rule_pairs(300, seed=99)]
+    reward_cfg = RewardConfig(head_init_std=0.5, max_length=96, batch_size=16, lr=3e-3, max_epochs=10, patience=3)
+
+    def held_out_accuracy(items) -> float:
+        torch.manual_seed(0)
+        model = build_reward_model(reward_cfg, tiny_model)
+        train_reward_model(model, items)
+        return evaluate_preferences(model, held_out).accuracy
+
+    weighted, everyone = held_out_accuracy(kept.items), held_out_accuracy(unweighted.items)
+    assert weighted >= 0.85 and weighted >= everyone + 0.05, (weighted, everyone)

@@ -239,3 +239,29 @@ def test_a_late_flag_reaches_the_items_of_earlier_rounds():
     kept, changed = without_flagged([pair, short, other], [FlaggedContent("P", "a", "spam")])
     assert kept == [other] and changed == 2
     assert without_flagged([pair, other], []) == ([pair, other], 0)
+
+
+def test_a_later_judgement_of_the_same_annotator_replaces_the_earlier():
+    tasks = [task(f"t{i}", f"Prompt number {i} about parks", LONG_A + f" {i}", LONG_B + f" {i}") for i in range(2)]
+    rec = Records()
+    for _ in range(3):
+        rec.prefer("t0", "sybil")  # one vote, sent three times
+    rec.prefer("t0", "ann")
+    rec.prefer("t1", "ann")
+    out = curate(rec.items, lookup(*tasks))
+    assert out.counts["superseded/preference"] == 2 and sum(out.counts.values()) == len(rec.items)
+    assert sorted(i.annotator_id for i in out.items) == ["ann", "ann", "sybil"]
+    assert out.items[0].annotator_id == "sybil" and rec.items[2].seq == 3  # the one kept is the last sent
+
+
+def test_flags_of_paused_or_weightless_annotators_remove_nothing():
+    tasks = [task(f"t{i}", f"Prompt number {i} about parks", LONG_A + f" {i}", LONG_B + f" {i}") for i in range(2)]
+    rec = Records()
+    rec.flag("t0", pb.Flag.KIND_HARMFUL, "t0-0")  # by "mod"
+    rec.prefer("t0")
+    out = curate(rec.items, lookup(*tasks), paused={"mod"})
+    assert out.counts["paused/flag"] == 1 and out.counts["used/preference"] == 1 and not out.flagged
+    out = curate(rec.items, lookup(*tasks), weights={"mod": 0.0})
+    assert out.counts["dropped/zero_weight"] == 1 and out.counts["used/preference"] == 1
+    out = curate(rec.items, lookup(*tasks))  # a flag that counts still removes the item
+    assert out.counts["dropped/flagged_harmful"] == 1

@@ -69,8 +69,41 @@ def test_random_annotator_is_paused_and_down_weighted():
 def test_consensus_leaves_the_annotator_out():
     js = [Judgement(1, "a", "x"), Judgement(1, "b", "x"), Judgement(1, "c", "y")]
     report = annotator_report(js)
-    assert report["a"].consensus_agreement is None  # b and c disagree: no majority among a's others
+    # a's others are b and c; c, against everyone else, carries no weight in a's consensus
+    assert report["a"].consensus_agreement == 1.0
     assert report["c"].consensus_agreement == 0.0
     js.append(Judgement(1, "d", "x"))
     report = annotator_report(js)
     assert report["a"].consensus_agreement == 1.0 and report["c"].consensus_agreement == 0.0
+
+
+def test_invented_annotators_voting_many_times_do_not_outweigh_people():
+    """Three people (right 90% of the time) and two invented ids that vote against them three
+    times per unit: each id counts once per unit, the ids carry no weight in the people's
+    consensus, and the people keep a weight above theirs (without any gold)."""
+    rng = random.Random(3)
+    js = []
+    for u in range(40):
+        for h in range(3):
+            js.append(Judgement(u, f"person-{h}", "x" if rng.random() > 0.1 else "y"))
+        for s in range(2):
+            js.extend(Judgement(u, f"invented-{s}", "y") for _ in range(3))
+    report = annotator_report(js, cfg=QualityConfig(min_consensus=5, prior_weight=0.5))
+    people = [report[f"person-{h}"] for h in range(3)]
+    invented = [report[f"invented-{s}"] for s in range(2)]
+    assert min(p.weight for p in people) >= 0.4 and max(i.weight for i in invented) == 0.0
+    assert min(p.consensus_agreement for p in people) >= 0.7 and max(i.consensus_agreement for i in invented) <= 0.1
+    assert all(i.judgements == 40 and i.superseded == 80 for i in invented)
+    assert all(p.superseded == 0 for p in people)
+
+
+def test_an_annotator_nothing_has_measured_starts_at_the_prior():
+    report = annotator_report([Judgement(1, "new", "x")], cfg=QualityConfig(prior_weight=0.5))
+    assert report["new"].weight == 0.5 and report["new"].consensus_agreement is None
+
+
+def test_a_later_answer_replaces_an_earlier_one():
+    js = [Judgement(1, "a", "x"), Judgement(1, "a", "y"), Judgement(1, "b", "y"), Judgement(1, "c", "y")]
+    report = annotator_report(js)
+    assert report["a"].judgements == 1 and report["a"].superseded == 1
+    assert report["a"].consensus_agreement == 1.0  # its answer is the last one, y

@@ -8,6 +8,8 @@ a wrong key names its dotted path at load, before anything starts.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Literal
 
@@ -95,11 +97,21 @@ class FeedbackSection(BaseModel):
     address: str | None = None
     """``external`` only: host:port of a running service."""
     token: str | None = None
-    """Bearer token the loop (and simulated annotators) use."""
+    """Bearer token the loop's simulated annotators use. A run's config.json never keeps it
+    (a resumed run needs it again): prefer `token_env`."""
+    token_env: str | None = None
+    """Name of an environment variable that holds the token (read when the run starts), so no
+    config file holds it."""
     service: FeedbackServiceConfig = Field(default_factory=lambda: FeedbackServiceConfig(port=0, metrics_port=None))
     """``embedded`` only: how the service runs; its `store` is the store the coordinator reads."""
     project: str = "default"
     """Project the loop publishes tasks to and reads feedback from."""
+
+    def bearer(self) -> str | None:
+        """The token: `token`, else the variable `token_env` names."""
+        if self.token:
+            return self.token
+        return os.environ.get(self.token_env) if self.token_env else None
 
     @model_validator(mode="after")
     def _address(self) -> "FeedbackSection":
@@ -234,3 +246,8 @@ class RunConfig(RLHFConfig):
                 "(their rule makes the gold pairs otherwise)"
             )
         return self
+
+
+def run_config_json(cfg: "RunConfig") -> str:
+    """A run's config as its run directory keeps it (config.json): everything but secrets."""
+    return cfg.model_dump_json(indent=2, exclude={"feedback": {"token"}})

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import RunConfig
+from actors.config import RunConfig, run_config_json
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.curation.memory import CurationMemory
 from rlhf.curation.rules import Curated, curate
@@ -243,8 +243,8 @@ class Coordinator:
             if not (self.run_dir / "config.json").exists():
                 raise FileNotFoundError(f"{self.run_dir}: not a run directory (no config.json)")
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # checkpoints, reports: the owner's alone
+        (self.run_dir / "config.json").write_text(run_config_json(self.cfg))
 
     def _run_identity(self) -> dict:
         """The run's id (a prefix of its task ids, so runs sharing a store never collide) and
@@ -307,7 +307,7 @@ class Coordinator:
         from services.feedback.simulated import SimulatedAnnotator
 
         for a in self.cfg.annotators.annotators:
-            annotator = SimulatedAnnotator(a, FeedbackClient(self.feedback_address, self.cfg.feedback.token), self.cfg.feedback.project)
+            annotator = SimulatedAnnotator(a, FeedbackClient(self.feedback_address, self.cfg.feedback.bearer()), self.cfg.feedback.project)
             thread = threading.Thread(target=annotator.run, args=(self._annotator_stop,), name=f"annotator-{a.annotator_id}", daemon=True)
             thread.start()
             self._annotators.append(annotator)

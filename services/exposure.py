@@ -42,18 +42,23 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
-def check_exposure(host: str, authenticated: bool, tls: bool, insecure: bool, field: str) -> None:
+def check_exposure(host: str, authenticated: bool, tls: bool, insecure: bool, field: str,
+                   auth: str | None = None, tls_fields: str | None = None, insecure_field: str | None = None) -> None:
     """Refuse to serve on a non-loopback `host` without authentication, or without TLS unless
-    `insecure`. `field` prefixes the names in the message (the config section)."""
+    `insecure`. The message names what to set: `auth`, `tls_fields` and `insecure_field`
+    (defaults: the generation server's fields under `field`)."""
     if is_loopback(host):
         return
+    auth = auth or f"{field}.api_keys_file"
+    tls_fields = tls_fields or f"{field}.tls_cert_file and {field}.tls_key_file"
+    insecure_field = insecure_field or f"{field}.insecure_http: true"
     if not authenticated:
         raise ExposureError(f"{field}: listening on {host!r} (not a loopback address) needs authentication: "
-                            f"set {field}.api_keys_file, or bind a loopback address")
+                            f"set {auth}, or bind a loopback address")
     if not tls and not insecure:
         raise ExposureError(f"{field}: listening on {host!r} (not a loopback address) needs TLS: set "
-                            f"{field}.tls_cert_file and {field}.tls_key_file, or {field}.insecure_http: true "
-                            "to serve plain HTTP on purpose (e.g. behind a TLS-terminating proxy)")
+                            f"{tls_fields}, or {insecure_field} to serve plain text on purpose "
+                            "(e.g. behind a TLS-terminating proxy)")
 
 
 def check_secret_file(path: str | os.PathLike, what: str) -> Path:
@@ -87,6 +92,21 @@ def read_api_keys(path: str | os.PathLike, what: str = "api_keys_file") -> tuple
     if not keys:
         raise ExposureError(f"{what}: {p} holds no key")
     return tuple(keys)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (``user:password@``) replaced by ``***``, for logs and messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def key_matches(presented: str | None, keys: tuple[str, ...]) -> bool:

@@ -62,6 +62,12 @@ class TokenAuth:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TokenAuth":
+        from services.exposure import ExposureError, check_secret_file
+
+        try:
+            check_secret_file(path, "tokens file")  # others may not read it (its group may: Kubernetes' fsGroup)
+        except ExposureError as err:
+            raise TokensFileError(str(err)) from None
         try:
             raw = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as err:

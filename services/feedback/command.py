@@ -34,6 +34,8 @@ def feedback() -> None:
 @click.option("--tls-cert", default=None, help="Server certificate (PEM).")
 @click.option("--tls-key", default=None, help="Server private key (PEM).")
 @click.option("--tls-client-ca", default=None, help="CA for client certificates: turns on mutual TLS.")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Serve without TLS on a non-loopback --host on purpose (behind a TLS-terminating proxy).")
 @click.option("--reflection", is_flag=True, default=None, help="Serve gRPC reflection.")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one).")
 @click.option("--no-metrics", is_flag=True, help="Do not serve metrics.")

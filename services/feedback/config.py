@@ -26,13 +26,17 @@ class FeedbackServiceConfig(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one."""
     tokens_file: Path | None = None
-    """YAML file of bearer tokens and their project scopes; without it every call is allowed."""
+    """YAML file of bearer tokens and their project scopes; without it every call is allowed,
+    which only a loopback `host` permits."""
     tls_cert: Path | None = None
     """PEM certificate chain of the server; enables TLS (with `tls_key`)."""
     tls_key: Path | None = None
     """PEM private key of the server."""
     tls_client_ca: Path | None = None
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    insecure: bool = False
+    """Serve without TLS on a non-loopback `host` on purpose (e.g. behind a TLS-terminating
+    proxy); without it such a server refuses to start unless TLS is set."""
     reflection: bool = False
     """Serve gRPC server reflection."""
     metrics_port: int | None = Field(9464, ge=0, le=65535)
@@ -62,6 +66,12 @@ class FeedbackServiceConfig(BaseModel):
             raise ValueError("tls_cert, tls_key: must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca: needs tls_cert and tls_key (mutual TLS is TLS first)")
+        from services.exposure import check_exposure
+
+        check_exposure(self.host, authenticated=self.tokens_file is not None or self.tls_client_ca is not None,
+                       tls=self.tls_cert is not None, insecure=self.insecure, field="host",
+                       auth="tokens_file (--tokens) or tls_client_ca (--tls-client-ca)",
+                       tls_fields="tls_cert and tls_key (--tls-cert, --tls-key)", insecure_field="insecure (--insecure)")
         return self
 
     @property

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
+from services.exposure import redact_url
 from services.feedback.auth import TokenAuth
 from services.feedback.committer import GroupCommitter
 from services.feedback.config import FeedbackServiceConfig
@@ -204,7 +205,7 @@ async def serve_forever(cfg: FeedbackServiceConfig, ready_file: Path | None = No
     gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
     if ready_file is not None:
         ready_file.write_text(f"{server.port}\n")
-    print(f"hitl feedback service listening on {server.address} (store {cfg.store})", flush=True)
+    print(f"hitl feedback service listening on {server.address} (store {redact_url(cfg.store)})", flush=True)
     if server.metrics_port is not None:
         print(f"metrics on http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()

@@ -42,6 +42,7 @@ def test_rounds_run_checkpoint_and_resume(ray_session, tmp_path):
     # watermarks chain: every record is used once, none skipped
     assert reports[0].watermark_from == 0 and reports[1].watermark_from == reports[0].watermark_to
     run_dir = tmp_path / "run"
+    assert run_dir.stat().st_mode & 0o777 == 0o700  # checkpoints and reports: the owner's alone
     assert (run_dir / "report.png").stat().st_size > 1000
     assert len(json.loads((run_dir / "report.json").read_text())["rounds"]) == 2
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0001"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.exposure import redact_url
 from services.feedback.records import Limits
 from services.feedback.store.base import (
     FeedbackStore,
@@ -40,15 +41,15 @@ def open_store(url: str, limits: Limits | None = None) -> SqlStore:
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if not path.startswith("/"):
-            raise ValueError(f"store url {url!r}: expected sqlite:///path.db")
+            raise ValueError(f"store url {redact_url(url)!r}: expected sqlite:///path.db")
         path = path[1:] if not path.startswith("//") else path[1:]
         if not path:
-            raise ValueError(f"store url {url!r}: no file path")
+            raise ValueError(f"store url {redact_url(url)!r}: no file path")
         from services.feedback.store.sqlite import open_sqlite
 
         return open_sqlite(path, limits)
     if "://" in url:
-        raise ValueError(f"store url {url!r}: unsupported scheme (use sqlite:/// or postgresql://)")
+        raise ValueError(f"store url {redact_url(url)!r}: unsupported scheme (use sqlite:/// or postgresql://)")
     from services.feedback.store.sqlite import open_sqlite
 
     return open_sqlite(url, limits)

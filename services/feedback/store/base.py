@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequ
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
+from services.exposure import redact_url
 from services.feedback.records import (
     GoldAnswer,
     Limits,
@@ -283,7 +284,7 @@ class SqlStore:
             current = row[0] if row else 0
             if current > SCHEMA_VERSION:
                 raise StoreError(
-                    f"store {self.url} has schema version {current}; this hitl knows up to {SCHEMA_VERSION}: upgrade hitl"
+                    f"store {redact_url(self.url)} has schema version {current}; this hitl knows up to {SCHEMA_VERSION}: upgrade hitl"
                 )
             for version, statements in sorted(_migrations(self._d).items()):
                 if version <= current:

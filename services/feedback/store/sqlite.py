@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -256,4 +257,8 @@ class _Connection:
 def open_sqlite(path: str | Path, limits: Limits | None = None) -> SqlStore:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if str(path) != ":memory:" and not path.exists():
+        # the store holds people's judgements and gold answers: its owner's alone (SQLite gives
+        # its -wal and -shm files the database file's mode)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     return SqlStore(f"sqlite:///{path}", SqliteDialect(path), limits)

@@ -26,6 +26,7 @@ tokens:
 def tokens_file(tmp_path):
     path = tmp_path / "tokens.yaml"
     path.write_text(TOKENS.format(ops_digest=hashlib.sha256(b"ops-secret").hexdigest()))
+    path.chmod(0o600)
     return path
 
 
@@ -103,8 +104,17 @@ def test_wildcard_token_by_digest_sees_every_project(authed):
 def test_bad_tokens_files_name_the_entry(tmp_path, text, message):
     path = tmp_path / "t.yaml"
     path.write_text(text)
+    path.chmod(0o600)
     with pytest.raises(TokensFileError, match=message):
         TokenAuth.from_file(path)
+
+
+def test_a_tokens_file_others_can_read_is_refused(tokens_file):
+    tokens_file.chmod(0o644)
+    with pytest.raises(TokensFileError, match="readable by others"):
+        TokenAuth.from_file(tokens_file)
+    tokens_file.chmod(0o640)  # its group may (how Kubernetes gives a secret to the pod's fsGroup)
+    assert TokenAuth.from_file(tokens_file) is not None
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +162,28 @@ def test_tls_config_errors_name_the_field(tmp_path):
         build_config({"port": 70000})
     with pytest.raises(ConfigError, match="unknown_key"):
         build_config({"unknown_key": 1})
+
+
+def test_off_loopback_the_service_will_not_start_open_and_answers_no_one_without_a_token(store_url, tokens_file):
+    """Closed by default: on a non-loopback address, no tokens (or client certificates) means no
+    start, no TLS means no start unless `insecure` says so; and then a call without a token is
+    refused like on loopback."""
+    import subprocess
+
+    from services.feedback.config import FeedbackServiceConfig
+
+    addresses = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split() if ":" not in a]
+    if not addresses:
+        pytest.fail("this machine has no non-loopback IPv4 address to serve on (hostname -I)")
+    host = addresses[0]
+    with pytest.raises(ValueError, match="needs authentication: set tokens_file"):
+        FeedbackServiceConfig(store=store_url, host=host)
+    with pytest.raises(ValueError, match="needs TLS"):
+        FeedbackServiceConfig(store=store_url, host=host, tokens_file=tokens_file)
+    with running_server(store_url, host=host, tokens_file=tokens_file, insecure=True) as srv:
+        with no_retry_client(f"{host}:{srv.server.port}") as client:
+            with pytest.raises(FeedbackClientError) as err:
+                client.stats()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with no_retry_client(f"{host}:{srv.server.port}", "ops-secret") as client:
+            assert client.stats() is not None

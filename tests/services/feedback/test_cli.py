@@ -112,8 +112,11 @@ def test_serve_config_errors_name_the_field_before_starting(tmp_path):
     assert out.returncode == 2 and "tls_cert, tls_key" in out.stderr
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("tokens:\n  - token: x\n")
+    tokens.chmod(0o600)
     out = hitl("feedback", "serve", "--tokens", str(tokens), "--store", f"sqlite:///{tmp_path / 'x.db'}", check=False)
     assert out.returncode == 2 and "tokens[0].projects" in out.stderr
+    out = hitl("feedback", "serve", "--host", "0.0.0.0", "--store", f"sqlite:///{tmp_path / 'x.db'}", check=False)
+    assert out.returncode == 2 and "needs authentication" in out.stderr and "--tokens" in out.stderr  # closed by default
     assert not (tmp_path / "x.db").exists()  # nothing started
 
 

@@ -182,3 +182,18 @@ def test_sqlite_is_durable_by_configuration(tmp_path):
 def test_bad_store_urls_are_named(url):
     with pytest.raises(ValueError, match="store url"):
         open_store(url)
+
+
+def test_a_new_sqlite_store_is_its_owners_alone(tmp_path):
+    """People's judgements and gold answers: the file (and SQLite's -wal and -shm beside it)
+    is created readable by its owner only."""
+    import stat
+
+    path = tmp_path / "feedback.db"
+    s = open_store(f"sqlite:///{path}")
+    try:
+        s.add_tasks([])
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.name.startswith("feedback.db")}
+    finally:
+        s.close()
+    assert modes["feedback.db"] == 0o600 and all(m & 0o077 == 0 for m in modes.values()), modes

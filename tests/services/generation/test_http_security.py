@@ -22,6 +22,7 @@ from services.exposure import (
     is_loopback,
     key_matches,
     read_api_keys,
+    redact_url,
 )
 from services.generation.config import GenerationConfig, SamplingDefaults
 
@@ -74,6 +75,17 @@ def test_secret_files_that_others_can_read_are_refused(tmp_path):
         read_api_keys(path)
     with pytest.raises(ExposureError, match="does not exist"):
         check_secret_file(tmp_path / "missing", "api_keys_file")
+
+
+def test_passwords_never_reach_a_printed_url():
+    assert redact_url("postgresql://hitl:s3cret@db:5432/hitl?sslmode=require") == "postgresql://hitl:***@db:5432/hitl?sslmode=require"
+    assert redact_url("postgresql://hitl@db/hitl") == "postgresql://hitl@db/hitl"
+    assert redact_url("sqlite:///data/feedback.db") == "sqlite:///data/feedback.db"
+    from services.feedback.store import open_store
+
+    with pytest.raises(ValueError) as err:
+        open_store("mysql://root:hunter2@db/x")
+    assert "hunter2" not in str(err.value) and "***" in str(err.value)
 
 
 def test_keys_match_exactly():

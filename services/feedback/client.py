@@ -226,28 +226,32 @@ class _ResumableStream:
     def run(self) -> StreamReport:
         delays = self._client.backoff.delays()
         last_progress = time.monotonic()
+        give_up = self._client.backoff.give_up_after_s
         while True:
             acked_before = len(self._results)
+            hint: float | None = None
             try:
                 self._one_stream()
             except grpc.RpcError as err:
                 code = err.code()
                 if code not in _TRANSIENT and not is_transient(err):
                     raise FeedbackClientError(f"StreamFeedback failed: {code.name}: {err.details()}", code) from None
-                if len(self._results) > acked_before:
-                    last_progress = time.monotonic()
-                    delays = self._client.backoff.delays()
-                if time.monotonic() - last_progress > self._client.backoff.give_up_after_s:
-                    raise FeedbackClientError(f"StreamFeedback: no progress for {self._client.backoff.give_up_after_s:g}s ({code.name})", code) from None
-                self.report.reconnects += 1
-                time.sleep(retry_hint_s(err) or next(delays))
-                continue
-            with self._cond:
-                done = self._exhausted and not self._unacked
-            if done:
-                break
-            # the server ended the stream early without an error: resume
+                why, hint = f"{code.name}: {err.details()}", retry_hint_s(err)
+            else:
+                with self._cond:
+                    done = self._exhausted and not self._unacked
+                if done:
+                    break
+                why, code = "the server ended the stream with batches unacked", None
+            # Resume after a pause, as after any transient failure: a server that keeps ending
+            # streams early must not be called again in a tight loop.
+            if len(self._results) > acked_before:
+                last_progress = time.monotonic()
+                delays = self._client.backoff.delays()
+            if time.monotonic() - last_progress > give_up:
+                raise FeedbackClientError(f"StreamFeedback: no batch acknowledged for {give_up:g}s; last failure: {why}", code) from None
             self.report.reconnects += 1
+            time.sleep(hint or next(delays))
         for seq in sorted(self._results):
             self.report.results.extend(self._results[seq])
         self.report.batches = len(self._results)

@@ -29,6 +29,37 @@ from services.feedback.store import FeedbackStore, Outcome, Status
 
 
 _INDEX = re.compile(r"\[[^\]]*\]")
+
+
+def _field_paths(descriptor, prefix: str = "", depth: int = 0) -> set[str]:
+    """Every field path of a message type, `[]` standing for any index or map key."""
+    paths: set[str] = set()
+    for f in descriptor.fields:
+        path = f"{prefix}{f.name}"
+        paths.add(path)
+        if f.message_type is not None and depth < 4:
+            if f.message_type.GetOptions().map_entry:
+                paths.add(f"{path}[]")
+                continue
+            inner = f"{path}[]." if f.is_repeated else f"{path}."
+            paths.add(f"{inner}unknown_fields")
+            paths |= _field_paths(f.message_type, inner, depth + 1)
+    return paths
+
+
+_REASONS = frozenset(_field_paths(pb.FeedbackRecord.DESCRIPTOR) | {"judgement", "unknown_fields", ""})
+
+
+def reason_label(field: str) -> str:
+    """The `reason` label of a rejected record: its field's path from a fixed set.
+
+    Rejection fields can quote what the client sent (a metadata key, an
+    index); as label values they would mint a Prometheus series per distinct
+    input. Indices and keys collapse to `[]`, and anything still outside the
+    schema's own paths is `other`, so the label takes finitely many values.
+    """
+    path = _INDEX.sub("[]", field)
+    return path if path in _REASONS else "other"
 _judgement = operator.methodcaller("WhichOneof", "judgement")
 _status_name = operator.attrgetter("status._name_")  # the member's name; a plain attribute, unlike Enum.name
 _status = operator.itemgetter(0)  # Outcome.status
@@ -210,5 +241,5 @@ class GroupCommitter:
         for (kind, status_name, rejection), n in tally.items():
             reason = ""
             if status_name == "REJECTED" and rejection is not None:
-                reason = _INDEX.sub("[]", rejection.field)  # bounded label values: no per-index series
+                reason = reason_label(rejection.field)
             self._metrics.records.labels(kind or "none", Status[status_name].value, reason).inc(n)

@@ -57,6 +57,8 @@ class FeedbackServiceConfig(BaseModel):
     """Longest lease a request may ask for."""
     follow_poll_seconds: float = Field(1.0, gt=0)
     """How often a following PullTasks stream looks for newly published tasks."""
+    store_check_seconds: float = Field(1.0, gt=0)
+    """How often the store's database is probed; health is NOT_SERVING while it does not answer."""
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     """On shutdown, how long running calls may take to finish."""
 

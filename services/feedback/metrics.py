@@ -16,6 +16,7 @@ class FeedbackMetrics:
     ack_seconds: Histogram  # labels: rpc; from receiving a batch to its result
     refused: Counter  # labels: rpc, reason (overloaded|closed|store); calls answered "retry later"
     followers: Gauge  # PullTasks calls with follow=true waiting for new tasks
+    store_up: Gauge  # 1 while the store's database answers the health check, else 0
 
     @classmethod
     def create(cls) -> "FeedbackMetrics":
@@ -56,6 +57,11 @@ class FeedbackMetrics:
             followers=Gauge(
                 "hitl_feedback_pull_followers",
                 "PullTasks calls with follow=true that are open",
+                registry=registry,
+            ),
+            store_up=Gauge(
+                "hitl_feedback_store_up",
+                "1 while the store's database answers the service's health check",
                 registry=registry,
             ),
         )

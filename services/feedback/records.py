@@ -20,6 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.records import GoldAnswer, StoredRecord, Task  # noqa: F401 - the plain types, re-exported
 
@@ -175,6 +178,8 @@ def plain_fields(
     exact checks then decide, and they alone name the rejected field. So this
     makes validation faster but never changes its result.
     """
+    if len(UnknownFieldSet(record)) or (record.HasField("client_time") and len(UnknownFieldSet(record.client_time))):
+        return None  # the exact checks name the unknown field
     id_limit = limits.max_id_bytes
     feedback_id, project, task_id, annotator_id = record.feedback_id, record.project, record.task_id, record.annotator_id
     prompt_id, guidelines = record.prompt_id, record.guidelines_version
@@ -212,6 +217,8 @@ def plain_fields(
     kind = record.WhichOneof("judgement")
     if kind == "correction":
         c = record.correction
+        if len(UnknownFieldSet(c)):
+            return None
         candidate, text = c.candidate_id, c.corrected_text
         if not candidate or "\x00" in candidate or candidate.isspace() or not text or text.isspace():
             return None
@@ -226,6 +233,8 @@ def plain_fields(
         refs: tuple[str, ...] = (candidate,)
     elif kind == "preference":
         p = record.preference
+        if len(UnknownFieldSet(p)):
+            return None
         a, b = p.candidate_a_id, p.candidate_b_id
         if not a or not b or a == b or "\x00" in a or "\x00" in b or a.isspace() or b.isspace():
             return None
@@ -243,6 +252,7 @@ def _check_record_exactly(record: pb.FeedbackRecord, limits: Limits) -> Rejectio
     """Every check of `check_record`, in order: the first failing one names the field."""
     head = _first(
         (
+            _check_unknown_fields(record),
             _check_id("feedback_id", record.feedback_id, limits),
             _check_id("project", record.project, limits),
             _check_id("task_id", record.task_id, limits),
@@ -260,6 +270,32 @@ def _check_record_exactly(record: pb.FeedbackRecord, limits: Limits) -> Rejectio
     if not kind:
         return Rejection("judgement", f"exactly one of {', '.join(KINDS)} must be set")
     return _KIND_CHECKS[kind](getattr(record, kind), limits)
+
+
+def _check_unknown_fields(message: Message, path: str = "") -> Rejection | None:
+    """Fields this schema does not define are refused, at any depth.
+
+    A parsed record keeps the bytes of fields it does not know, and the store
+    keeps records as sent: unchecked, an unknown field would be stored whole,
+    past every size limit (none of them can name it). So a record carrying one
+    is rejected, naming where it sits and its field numbers; a client built
+    against a newer schema needs a service at least as new.
+    """
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        numbers = sorted({field.field_number for field in unknown})
+        shown = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
+        return Rejection(f"{path}unknown_fields", f"field number(s) {shown} are not in the hitl.feedback.v1 schema of this service")
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None or descriptor.message_type.GetOptions().map_entry:
+            continue
+        repeated = descriptor.is_repeated
+        for i, item in enumerate(value if repeated else (value,)):
+            where = f"{path}{descriptor.name}[{i}]." if repeated else f"{path}{descriptor.name}."
+            rejection = _check_unknown_fields(item, where)
+            if rejection is not None:
+                return rejection
+    return None
 
 
 def _check_confidence(record: pb.FeedbackRecord) -> Rejection | None:

@@ -53,6 +53,8 @@ class FeedbackServer:
         self._committer: GroupCommitter | None = None
         self._servicer: FeedbackServicer | None = None
         self._metrics_http = None
+        self._watch: asyncio.Task | None = None
+        self.store_up = True
         self.port: int = 0
         self.metrics_port: int | None = None
 
@@ -96,8 +98,8 @@ class FeedbackServer:
         if self.port == 0:
             raise OSError(f"could not bind {bind}")
         await self._server.start()
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        self._watch = asyncio.create_task(self._watch_store(), name="store-health")
         self._start_metrics()
         log.info(
             "feedback service on %s (%s, store %s, auth %s)",
@@ -107,6 +109,36 @@ class FeedbackServer:
             "tokens" if self._auth else "off",
         )
         return self.port
+
+    async def _set_health(self, up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set(SERVICE_NAME, status)  # type: ignore[union-attr]
+        await self._health.set("", status)  # type: ignore[union-attr]
+        self.metrics.store_up.set(1 if up else 0)
+
+    async def _watch_store(self) -> None:
+        """Health follows the store: NOT_SERVING while the database does not answer.
+
+        A load balancer or Kubernetes probe then routes around this replica
+        while its database is down, and back once it answers. Writes need no
+        help to resume: the store reconnects on its own (`SqlStore._conn`);
+        this only reports.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.store_check_seconds)
+            try:
+                await loop.run_in_executor(self._readers, self.store.ping)
+                up, why = True, ""
+            except Exception as err:  # noqa: BLE001 - any failure to answer is "down"
+                up, why = False, str(err).splitlines()[0] if str(err) else type(err).__name__
+            if up != self.store_up:
+                self.store_up = up
+                if up:
+                    log.warning("store %s answers again: SERVING", redact_url(self.cfg.store))
+                else:
+                    log.warning("store %s does not answer (%s): NOT_SERVING", redact_url(self.cfg.store), why)
+                await self._set_health(up)
 
     def _start_metrics(self) -> None:
         if self.cfg.metrics_port is None:
@@ -122,6 +154,9 @@ class FeedbackServer:
         if self._server is None:
             return
         grace = self.cfg.shutdown_grace_seconds if grace is None else grace
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:

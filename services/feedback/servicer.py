@@ -15,6 +15,7 @@ from itertools import repeat
 from typing import AsyncIterator, Iterable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hitl.feedback.v1 import feedback_pb2 as pb
@@ -88,12 +89,37 @@ class WireRequest:
         return getattr(self.message, name)
 
 
-def wire_request_parser(message_type):
-    """A request deserializer that keeps the request's bytes next to the parsed message."""
-    parse = message_type.FromString
+class Malformed:
+    """A request message whose bytes do not parse: the handler answers INVALID_ARGUMENT.
 
-    def deserialize(data: bytes) -> WireRequest:
-        return WireRequest(parse(data), data)
+    gRPC's own handling of a deserializer that raises is poor for a stream (the
+    handler's request iterator just ends, so the call finished OK and the
+    batches after the bad one went unread and unacked): the parser returns
+    this instead, and the handler names the message in its error.
+    """
+
+    __slots__ = ("type_name", "error", "size")
+
+    def __init__(self, type_name: str, error: Exception, size: int):
+        self.type_name = type_name
+        self.error = error
+        self.size = size
+
+    def describe(self) -> str:
+        return f"{self.size} bytes that do not parse as {self.type_name} ({type(self.error).__name__}: {self.error})"
+
+
+def wire_request_parser(message_type):
+    """A request deserializer that keeps the request's bytes next to the parsed message
+    (a `Malformed` for bytes that do not parse)."""
+    parse = message_type.FromString
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> WireRequest | Malformed:
+        try:
+            return WireRequest(parse(data), data)
+        except DecodeError as err:
+            return Malformed(name, err, len(data))
 
     return deserialize
 
@@ -186,6 +212,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     async def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context) -> pb.SubmitFeedbackResponse:
         started = time.perf_counter()
         principal = await self._principal(context)
+        if type(request) is Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.describe()}")
         await self._check_scope(context, principal, {r.project for r in request.records})
         await self._check_batch_size(context, len(request.records))
         records = list(request.records)
@@ -233,6 +261,10 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         try:
             async for batch in request_iterator:
                 started = time.perf_counter()
+                if type(batch) is Malformed:
+                    after = "the stream's first batch" if last is None else f"the batch after sequence {last}"
+                    await inflight.put((grpc.StatusCode.INVALID_ARGUMENT, f"{after}: {batch.describe()}; it and what follows were not read: resend from it"))
+                    return
                 if last is not None and batch.sequence <= last:
                     await inflight.put((grpc.StatusCode.INVALID_ARGUMENT, f"batch sequence {batch.sequence} does not increase (last was {last})"))
                     return
@@ -264,8 +296,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 await inflight.put((batch.sequence, records, pending, started))
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - the client went away; the handler ends
-            pass
+        except Exception as err:  # noqa: BLE001 - the client went away; the handler ends
+            log.debug("stream reader ended: %s", err)
         await inflight.put(None)
 
     async def PullTasks(self, request: pb.PullTasksRequest, context) -> AsyncIterator[pb.LabelingTask]:
@@ -287,9 +319,14 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         loop = asyncio.get_running_loop()
         sent = 0
         while sent < wanted:
-            leased = await loop.run_in_executor(
-                self._writer, self._store.lease_tasks, request.project, request.annotator_id, wanted - sent, lease
-            )
+            try:
+                leased = await loop.run_in_executor(
+                    self._writer, self._store.lease_tasks, request.project, request.annotator_id, wanted - sent, lease
+                )
+            except Exception as err:  # noqa: BLE001 - the store is down or stumbled: nothing was leased
+                log.warning("lease failed: %s", err)
+                context.set_trailing_metadata((("retry-after-ms", "1000"),))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {type(err).__name__}; retry")
             for item in leased:
                 msg = item.task.to_proto()
                 msg.lease_expires_at.CopyFrom(_timestamp(item.lease_expires_at))
@@ -316,7 +353,12 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             projects: list[str] | None = [request.project]
         else:
             projects = principal.scope()
-        stats = await asyncio.get_running_loop().run_in_executor(self._readers, self._store.stats, projects)
+        try:
+            stats = await asyncio.get_running_loop().run_in_executor(self._readers, self._store.stats, projects)
+        except Exception as err:  # noqa: BLE001 - the store is down or stumbled
+            log.warning("stats failed: %s", err)
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {type(err).__name__}; retry")
         return pb.Stats(
             total_records=stats.total_records,
             by_kind=stats.by_kind,

@@ -11,6 +11,7 @@ from services.feedback.store.base import (
     SqlStore,
     Status,
     StoreError,
+    StoreUnavailable,
     StoreStats,
     TaskOutcome,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "SqlStore",
     "Status",
     "StoreError",
+    "StoreUnavailable",
     "StoreStats",
     "TaskOutcome",
     "open_store",

@@ -75,6 +75,15 @@ class StoreError(RuntimeError):
     """The store cannot serve the request (schema, connection, corruption)."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now (down, restarting, network); retry later.
+
+    Nothing of the failed call was committed, or (a connection lost during its
+    commit) it may have been: either way nothing was acknowledged, and a resend
+    is deduplicated on (project, feedback_id).
+    """
+
+
 class _KeyExists(Exception):
     """An optimistic insert met a stored (project, feedback_id); see SqlStore._write_locked."""
 
@@ -158,6 +167,7 @@ class Dialect(Protocol):
     def begin_read(self, conn: Any) -> None: ...
     def committed(self, conn: Any) -> None: ...  # after each committed write of feedback
     def close(self) -> None: ...  # the store closes: stop what the dialect runs of its own
+    def is_broken(self, conn: Any) -> bool: ...  # the connection is lost (server restarted, network cut)
     # (statement, args) selecting (feedback_id, seq, content_hash) of these ids in project, probing the
     # unique (project, feedback_id) index once per id whatever the table's statistics say
     def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]: ...
@@ -227,6 +237,47 @@ def _migrations(d: Dialect) -> dict[int, list[str]]:
     }
 
 
+class _Reconnect:
+    """Spacing of connection attempts while the database is down: 0.1 s, doubling up to 1 s.
+
+    Shared by the store's threads, so a down database sees one attempt per
+    delay, not one per call; the cap keeps the wait after the database
+    returns short (writes resume within a second of it answering).
+    """
+
+    first_s = 0.1
+    max_s = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._delay = 0.0
+        self._not_before = 0.0
+
+    def attempt(self, connect: Callable[[], Any], where: str) -> Any:
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        if wait > 0:
+            raise StoreUnavailable(f"store {where}: unreachable; next connection attempt in {wait:.1f}s")
+        try:
+            conn = connect()
+        except StoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the driver's own errors: refused, reset, starting up
+            with self._lock:
+                self._delay = min(self.max_s, max(self.first_s, self._delay * 2))
+                self._not_before = time.monotonic() + self._delay
+            raise StoreUnavailable(f"store {where}: cannot connect ({type(err).__name__}: {_first_line(err)})") from err
+        with self._lock:
+            self._delay = 0.0
+            self._not_before = 0.0
+        return conn
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class SqlStore:
     """The store over a DB-API connection per thread; see the module docstring."""
 
@@ -244,18 +295,63 @@ class SqlStore:
         self._task_cache: dict[str, Task] = {}
         self._task_cache_size = task_cache_size
         self._answered: set[tuple[str, str]] = set()  # pairs a committed write saw answered (see _mark_answered)
+        self._reconnect = _Reconnect()
         self._migrate()
 
     # -- connections --------------------------------------------------------
 
     def _conn(self) -> Any:
+        """This thread's connection; a lost one is dropped and opened again (with backoff).
+
+        A database restart or fail-over breaks every open connection: the call
+        that meets the break fails (nothing of it acknowledged), and the next
+        call of the thread connects afresh. While the database stays down,
+        attempts are spaced by a growing delay (`_Reconnect`), and calls in
+        between fail at once with StoreUnavailable rather than each waiting on
+        a connect.
+        """
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._d.is_broken(conn):
+            self._drop(conn)
+            conn = None
         if conn is None:
-            conn = self._d.connect()
+            conn = self._reconnect.attempt(self._d.connect, redact_url(self.url))
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _drop(self, conn: Any) -> None:
+        self._local.conn = None
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - it is lost already
+            pass
+
+    def _rollback(self, conn: Any) -> None:
+        """End the transaction; on a lost connection there is none left to end."""
+        try:
+            conn.rollback()
+        except Exception:
+            if not self._d.is_broken(conn):
+                raise
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers now (the service's health check)."""
+        conn = self._conn()
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            cur.fetchone()
+        except Exception as err:
+            if self._d.is_broken(conn):
+                raise StoreUnavailable(f"store {redact_url(self.url)}: connection lost ({type(err).__name__})") from err
+            raise
+        finally:
+            self._rollback(conn)
 
     def close(self) -> None:
         self._d.close()
@@ -297,14 +393,14 @@ class SqlStore:
                 cur.execute(self._q("UPDATE hitl_schema SET version = ?"), (SCHEMA_VERSION,))
             conn.commit()
         except BaseException:
-            conn.rollback()
+            self._rollback(conn)
             raise
 
     def schema_version(self) -> int:
         cur = self._conn().cursor()
         cur.execute("SELECT version FROM hitl_schema")
         version = cur.fetchone()[0]
-        self._conn().rollback()
+        self._rollback(self._conn())
         return int(version)
 
     # -- feedback -----------------------------------------------------------
@@ -381,12 +477,12 @@ class SqlStore:
                 answered = self._write_locked(conn, items, outcomes, optimistic=self._d.insert_new is not None)
             except _KeyExists:
                 # a record of the group was stored before (a resend): start over, with the lookup
-                conn.rollback()
+                self._rollback(conn)
                 self._d.begin_write(conn)
                 answered = self._write_locked(conn, items, outcomes, optimistic=False)
             conn.commit()
         except BaseException:
-            conn.rollback()
+            self._rollback(conn)
             raise
         self._d.committed(conn)
         if answered:
@@ -639,7 +735,7 @@ class SqlStore:
                 )
             rows = cur.fetchall()
         finally:
-            conn.rollback()
+            self._rollback(conn)
         return [StoredRecord(int(seq), pb.FeedbackRecord.FromString(bytes(blob)), float(at)) for seq, blob, at in rows]
 
     def iter_after(self, watermark: int = 0, projects: Iterable[str] | None = None, page: int = 1000) -> Iterator[StoredRecord]:
@@ -661,7 +757,7 @@ class SqlStore:
             cur.execute("SELECT MAX(seq) FROM feedback")
             value = cur.fetchone()[0]
         finally:
-            conn.rollback()
+            self._rollback(conn)
         return int(value or 0)
 
     # -- tasks --------------------------------------------------------------
@@ -699,7 +795,7 @@ class SqlStore:
                 outcomes.append(TaskOutcome(created))
             conn.commit()
         except BaseException:
-            conn.rollback()
+            self._rollback(conn)
             raise
         return outcomes
 
@@ -708,7 +804,7 @@ class SqlStore:
         try:
             return self._tasks(conn.cursor(), {task_id}).get(task_id)
         finally:
-            conn.rollback()
+            self._rollback(conn)
 
     def iter_tasks(self, projects: Iterable[str] | None = None, page: int = 1000) -> Iterator[Task]:
         """Every published task in publication order, read page by page (for exports)."""
@@ -732,7 +828,7 @@ class SqlStore:
                 )
                 rows = cur.fetchall()
             finally:
-                conn.rollback()
+                self._rollback(conn)
             if not rows:
                 return
             for blob, wanted, _, gold_id, better in rows:
@@ -757,7 +853,7 @@ class SqlStore:
                 )
             rows = cur.fetchall()
         finally:
-            conn.rollback()
+            self._rollback(conn)
         return {task_id: GoldAnswer(better) for task_id, better in rows}
 
     def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]:
@@ -771,7 +867,7 @@ class SqlStore:
             leased = self._lease_locked(conn.cursor(), project, annotator_id, max_tasks, lease_seconds)
             conn.commit()
         except BaseException:
-            conn.rollback()
+            self._rollback(conn)
             raise
         return leased
 
@@ -832,7 +928,7 @@ class SqlStore:
             cur.execute("SELECT MAX(seq) FROM feedback")
             watermark = int(cur.fetchone()[0] or 0)
         finally:
-            conn.rollback()
+            self._rollback(conn)
         by_kind: dict[str, int] = defaultdict(int)
         by_project: dict[str, int] = defaultdict(int)
         by_annotator: dict[str, int] = defaultdict(int)

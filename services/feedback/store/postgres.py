@@ -23,6 +23,9 @@ def write_lock_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+CONNECT_TIMEOUT_S = 5  # a connection attempt to an unreachable host gives up after this
+
+
 class PostgresDialect:
     name = "postgresql"
     seq_column = "BIGSERIAL PRIMARY KEY"
@@ -38,7 +41,7 @@ class PostgresDialect:
     def connect(self) -> Any:
         import psycopg
 
-        conn = psycopg.connect(self.conninfo, autocommit=False)
+        conn = psycopg.connect(self.conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT_S)
         with conn.cursor() as cur:
             if self.schema:
                 cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
@@ -63,6 +66,9 @@ class PostgresDialect:
 
     def close(self) -> None:
         return None
+
+    def is_broken(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
 
     def find_feedback_ids(self, project: str, ids: list[str]) -> tuple[str, tuple]:
         # Not `project = %s AND feedback_id IN (...)`: before ANALYZE has seen the table, the

@@ -52,6 +52,9 @@ class SqliteDialect:
     def close(self) -> None:
         self._checkpointer.close()
 
+    def is_broken(self, conn: Any) -> bool:
+        return False  # a file: nothing between the store and its database to break
+
     def sql(self, statement: str) -> str:
         return statement
 

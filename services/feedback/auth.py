@@ -3,12 +3,25 @@
 The tokens file (YAML):
 
     tokens:
-      - name: label-studio          # shows up in logs
+      - name: alice                 # shows up in logs
         token: "s3cret"             # or sha256: "<hex digest of the token>"
         projects: ["chat-helpfulness", "chat-safety"]   # or ["*"] for every project
+        # annotators: omitted = only the annotator id `name` (a person's own token)
+      - name: label-studio
+        sha256: "<hex digest>"
+        projects: ["chat-helpfulness"]
+        annotators: ["*"]           # a tool that speaks for many people (map them in the tool)
+        max_streams: 8              # optional: open streams at once (default: the server's)
+        max_leases: 200             # optional: unexpired leases at once (default: the server's)
 
 Calls carry `authorization: Bearer <token>` in their metadata. Tokens are
 compared by their SHA-256 digest, so the file may hold digests only.
+
+A token is a principal: it may write and read its projects, and write
+judgements and lease tasks only as its annotator ids. Without `annotators`
+a token speaks for one person, the annotator id `name`: identity comes
+from the credential, and a tool that relays many people's judgements says
+so explicitly with `["*"]` or a list.
 """
 
 from __future__ import annotations
@@ -32,9 +45,25 @@ class Principal:
     name: str
     projects: frozenset[str]
     all_projects: bool = False
+    annotators: frozenset[str] = frozenset()
+    all_annotators: bool = True
+    max_streams: int | None = None  # None: the server's default
+    max_leases: int | None = None
 
     def allows(self, project: str) -> bool:
         return self.all_projects or project in self.projects
+
+    def speaks_for(self, annotator_id: str) -> bool:
+        return self.all_annotators or annotator_id in self.annotators
+
+    def first_foreign(self, annotator_ids: Iterable[str]) -> str | None:
+        """The first annotator id this principal may not act as, or None."""
+        if self.all_annotators:
+            return None
+        for annotator_id in annotator_ids:
+            if annotator_id not in self.annotators:
+                return annotator_id
+        return None
 
     def first_denied(self, projects: Iterable[str]) -> str | None:
         for project in projects:
@@ -96,7 +125,7 @@ def _parse_entries(entries: list, path: str) -> dict[str, Principal]:
         where = f"tokens file {path}: tokens[{i}]"
         if not isinstance(entry, dict):
             raise TokensFileError(f"{where}: expected a mapping")
-        unknown = set(entry) - {"name", "token", "sha256", "projects"}
+        unknown = set(entry) - {"name", "token", "sha256", "projects", "annotators", "max_streams", "max_leases"}
         if unknown:
             raise TokensFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         name = entry.get("name") or f"token-{i}"
@@ -110,5 +139,34 @@ def _parse_entries(entries: list, path: str) -> dict[str, Principal]:
             raise TokensFileError(f"{where}.projects: expected a non-empty list of project names (or ['*'])")
         if digest in principals:
             raise TokensFileError(f"{where}.token: the same token appears twice")
-        principals[digest] = Principal(name, frozenset(p for p in projects if p != "*"), all_projects="*" in projects)
+        annotators = _annotators(entry, where)
+        principals[digest] = Principal(
+            name,
+            frozenset(p for p in projects if p != "*"),
+            all_projects="*" in projects,
+            annotators=frozenset(a for a in annotators if a != "*"),
+            all_annotators="*" in annotators,
+            max_streams=_positive(entry, "max_streams", where),
+            max_leases=_positive(entry, "max_leases", where),
+        )
     return principals
+
+
+def _annotators(entry: dict, where: str) -> list[str]:
+    if "annotators" not in entry:
+        if not entry.get("name"):
+            raise TokensFileError(f"{where}.annotators: a token without a name must list the annotator ids it speaks for (or ['*'])")
+        return [str(entry["name"])]
+    annotators = entry["annotators"]
+    if not isinstance(annotators, list) or not annotators or not all(isinstance(a, str) and a for a in annotators):
+        raise TokensFileError(f"{where}.annotators: expected a non-empty list of annotator ids (or ['*'])")
+    return annotators
+
+
+def _positive(entry: dict, key: str, where: str) -> int | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise TokensFileError(f"{where}.{key}: expected a whole number >= 1, got {value!r}")
+    return value

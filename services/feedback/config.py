@@ -51,6 +51,14 @@ class FeedbackServiceConfig(BaseModel):
     """Records queued for commit before new unary calls are refused as overloaded."""
     max_inflight_batches: int = Field(64, ge=1)
     """Unacked batches one stream may have in flight before the server stops reading it."""
+    max_streams_per_principal: int = Field(64, ge=1)
+    """Streams (StreamFeedback, following PullTasks) one token may hold open at once; a token's
+    `max_streams` overrides it."""
+    max_streams_per_connection: int = Field(100, ge=1)
+    """Concurrent calls on one HTTP/2 connection (its MAX_CONCURRENT_STREAMS)."""
+    max_leases_per_principal: int = Field(1000, ge=1)
+    """Unexpired task leases one token may hold at once (answered or not); a token's
+    `max_leases` overrides it. Keeps one credential from leasing every open task."""
     default_lease_seconds: float = Field(600.0, gt=0)
     """Lease length of a pulled task when the request names none."""
     max_lease_seconds: float = Field(86_400.0, gt=0)

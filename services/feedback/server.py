@@ -81,7 +81,9 @@ class FeedbackServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", max(limit, 16 * 1024 * 1024)),
                 ("grpc.so_reuseport", 0),
-            ]
+                ("grpc.max_concurrent_streams", self.cfg.max_streams_per_connection),
+            ],
+            interceptors=[AuthenticateFirst(self._auth)] if self._auth is not None else None,
         )
         _add_servicer(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
@@ -176,6 +178,52 @@ class FeedbackServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+class AuthenticateFirst(grpc.aio.ServerInterceptor):
+    """Refuse a call without a known bearer token before its request is read or parsed.
+
+    gRPC reads and deserializes a request message before the handler runs, so a
+    check in the handler alone would let anyone make the server parse up to
+    `max_message_bytes` per call. An interceptor sees the call's metadata first:
+    an unauthenticated call gets a handler of the same shape that takes the
+    message as raw bytes and aborts. (The servicer still authenticates, for the
+    principal's scopes; health and reflection stay open, as probes need.)
+    """
+
+    def __init__(self, auth: TokenAuth):
+        self._auth = auth
+        self._prefix = f"/{SERVICE_NAME}/"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+        if self._auth.authenticate(handler_call_details.invocation_metadata) is not None:
+            return handler
+        return _refusing(handler)
+
+
+_UNAUTHENTICATED = "missing or unknown bearer token (metadata 'authorization: Bearer <token>')"
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler shaped like `handler` that reads nothing it must parse and answers UNAUTHENTICATED."""
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    async def refuse_streaming(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        yield None  # pragma: no cover - abort raises
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse_streaming if handler.response_streaming else refuse, request_deserializer=None, response_serializer=None)
 
 
 def _add_servicer(servicer: FeedbackServicer, server: grpc.aio.Server) -> None:

@@ -7,9 +7,12 @@ maps wire messages to them and their failures to gRPC status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import logging
 import operator
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
 from typing import AsyncIterator, Iterable, Sequence
@@ -162,6 +165,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         self._auth = auth
         self._metrics = metrics
         self._stopping = asyncio.Event()
+        self._streams: Counter[str] = Counter()  # open StreamFeedback / following PullTasks calls per principal
+        self._leases: dict[str, list[float]] = {}  # per principal: a heap of its granted leases' expiry times
 
     def begin_shutdown(self) -> None:
         """Following PullTasks streams end; calls in progress finish."""
@@ -181,6 +186,40 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         denied = principal.first_denied(projects)
         if denied is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not write or read project {denied!r}")
+
+    async def _check_annotators(self, context: grpc.aio.ServicerContext, principal: Principal, annotator_ids: Iterable[str]) -> None:
+        foreign = principal.first_foreign(annotator_ids)
+        if foreign is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not act as annotator {foreign!r}")
+
+    @contextlib.contextmanager
+    def _stream_slot(self, principal: Principal):
+        """Count an open stream against the principal's budget; None when the budget is spent."""
+        limit = principal.max_streams or self._cfg.max_streams_per_principal
+        if self._streams[principal.name] >= limit:
+            yield None
+            return
+        self._streams[principal.name] += 1
+        try:
+            yield limit
+        finally:
+            self._streams[principal.name] -= 1
+            if not self._streams[principal.name]:
+                del self._streams[principal.name]
+
+    def _lease_room(self, principal: Principal, now: float) -> int:
+        """How many more leases the principal may hold now (granted leases count until they expire)."""
+        held = self._leases.setdefault(principal.name, [])
+        while held and held[0] <= now:
+            heapq.heappop(held)
+        if not held:
+            del self._leases[principal.name]
+        return (principal.max_leases or self._cfg.max_leases_per_principal) - len(held)
+
+    def _count_leases(self, principal: Principal, expiries: Iterable[float]) -> None:
+        held = self._leases.setdefault(principal.name, [])
+        for expiry in expiries:
+            heapq.heappush(held, expiry)
 
     async def _check_batch_size(self, context: grpc.aio.ServicerContext, n: int) -> None:
         if n > self._cfg.max_batch_records:
@@ -215,6 +254,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         if type(request) is Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.describe()}")
         await self._check_scope(context, principal, {r.project for r in request.records})
+        await self._check_annotators(context, principal, {r.annotator_id for r in request.records})
         await self._check_batch_size(context, len(request.records))
         records = list(request.records)
         outcomes = await self._commit(context, records, wait=False, blobs=_blobs(request, 1)) if records else []
@@ -225,6 +265,13 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
 
     async def StreamFeedback(self, request_iterator: AsyncIterator[pb.FeedbackBatch], context) -> AsyncIterator[pb.BatchAck]:
         principal = await self._principal(context)
+        with self._stream_slot(principal) as slot:
+            if slot is None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"token {principal.name!r} has the most streams it may open at once; close one")
+            async for ack in self._stream(request_iterator, context, principal):
+                yield ack
+
+    async def _stream(self, request_iterator, context, principal: Principal) -> AsyncIterator[pb.BatchAck]:
         inflight: asyncio.Queue = asyncio.Queue(maxsize=self._cfg.max_inflight_batches)
         reader = asyncio.create_task(self._read_stream(request_iterator, context, principal, inflight))
         observe = self._metrics.ack_seconds.labels("StreamFeedback").observe
@@ -273,6 +320,10 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 if denied is not None:
                     await inflight.put((grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not write project {denied!r}"))
                     return
+                foreign = principal.first_foreign({r.annotator_id for r in batch.records})
+                if foreign is not None:
+                    await inflight.put((grpc.StatusCode.PERMISSION_DENIED, f"batch {batch.sequence}: token {principal.name!r} may not act as annotator {foreign!r}"))
+                    return
                 if len(batch.records) > self._cfg.max_batch_records:
                     await inflight.put(
                         (grpc.StatusCode.RESOURCE_EXHAUSTED, f"batch {batch.sequence} holds {len(batch.records)} records; the limit is {self._cfg.max_batch_records}")
@@ -314,19 +365,40 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_tasks: at most {MAX_TASKS_PER_PULL}, got {request.max_tasks}")
         if request.lease_seconds > self._cfg.max_lease_seconds:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"lease_seconds: at most {self._cfg.max_lease_seconds:g}, got {request.lease_seconds}")
+        await self._check_annotators(context, principal, [request.annotator_id])
+        if not request.follow:
+            async for task in self._pull(request, context, principal):
+                yield task
+            return
+        with self._stream_slot(principal) as slot:
+            if slot is None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"token {principal.name!r} has the most streams it may open at once; close one")
+            async for task in self._pull(request, context, principal):
+                yield task
+
+    async def _pull(self, request: pb.PullTasksRequest, context, principal: Principal) -> AsyncIterator[pb.LabelingTask]:
         wanted = request.max_tasks or 1
         lease = float(request.lease_seconds or self._cfg.default_lease_seconds)
         loop = asyncio.get_running_loop()
         sent = 0
         while sent < wanted:
+            room = self._lease_room(principal, time.time())
+            if room <= 0:
+                if sent:
+                    break
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"token {principal.name!r} holds the most unexpired leases it may (max_leases); answer tasks or let leases run out",
+                )
             try:
                 leased = await loop.run_in_executor(
-                    self._writer, self._store.lease_tasks, request.project, request.annotator_id, wanted - sent, lease
+                    self._writer, self._store.lease_tasks, request.project, request.annotator_id, min(wanted - sent, room), lease
                 )
             except Exception as err:  # noqa: BLE001 - the store is down or stumbled: nothing was leased
                 log.warning("lease failed: %s", err)
                 context.set_trailing_metadata((("retry-after-ms", "1000"),))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {type(err).__name__}; retry")
+            self._count_leases(principal, (item.lease_expires_at for item in leased))
             for item in leased:
                 msg = item.task.to_proto()
                 msg.lease_expires_at.CopyFrom(_timestamp(item.lease_expires_at))

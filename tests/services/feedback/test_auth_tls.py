@@ -16,9 +16,16 @@ tokens:
   - name: tool-a
     token: alpha-secret
     projects: [alpha]
+    annotators: ["*"]
   - name: ops
     sha256: {ops_digest}
     projects: ["*"]
+    annotators: ["*"]
+  - name: alice
+    token: alice-secret
+    projects: [alpha]
+    max_leases: 2
+    max_streams: 1
 """
 
 
@@ -99,6 +106,9 @@ def test_wildcard_token_by_digest_sees_every_project(authed):
         ("tokens:\n  - token: x\n    sha256: ab\n    projects: [p]\n", "exactly one"),
         ("tokens:\n  - sha256: nothex\n    projects: [p]\n", "64 hex"),
         ("tokens:\n  - token: x\n    projects: [p]\n    role: admin\n", "unknown field"),
+        ("tokens:\n  - token: x\n    projects: [p]\n", r"tokens\[0\]\.annotators: a token without a name"),
+        ("tokens:\n  - token: x\n    projects: [p]\n    annotators: []\n", r"tokens\[0\]\.annotators: expected a non-empty list"),
+        ("tokens:\n  - name: a\n    token: x\n    projects: [p]\n    max_leases: 0\n", r"tokens\[0\]\.max_leases"),
     ],
 )
 def test_bad_tokens_files_name_the_entry(tmp_path, text, message):
@@ -187,3 +197,77 @@ def test_off_loopback_the_service_will_not_start_open_and_answers_no_one_without
             assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
         with no_retry_client(f"{host}:{srv.server.port}", "ops-secret") as client:
             assert client.stats() is not None
+
+
+def test_a_person_token_acts_only_as_its_annotator(authed):
+    """Identity comes from the credential: alice's token cannot write, stream or lease as bob."""
+    as_bob = [preference("b1", "ta", "alpha", annotator="bob")]
+    with no_retry_client(authed.address, "alice-secret") as client:
+        for call in (lambda: client.submit(as_bob), lambda: client.stream(as_bob), lambda: list(client.pull_tasks("alpha", "bob"))):
+            with pytest.raises(FeedbackClientError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "'bob'" in str(err.value)
+        assert stored(authed) == 0
+        assert client.submit([preference("a1", "ta", "alpha", annotator="alice")])[0].status == pb.RecordResult.STATUS_ACCEPTED
+    assert [r.record.annotator_id for r in authed.server.store.iter_after(0)] == ["alice"]
+
+
+def test_lease_quota_per_token(authed):
+    authed.server.store.add_tasks([make_task(f"q{i}", "alpha", wanted=3) for i in range(5)])
+    with no_retry_client(authed.address, "alice-secret") as client:
+        got = [t.task_id for t in client.pull_tasks("alpha", "alice", max_tasks=10)]
+        assert len(got) == 2  # max_leases: 2
+        with pytest.raises(FeedbackClientError) as err:
+            list(client.pull_tasks("alpha", "alice", max_tasks=1))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_leases" in str(err.value)
+    with no_retry_client(authed.address, "alpha-secret") as tool:  # another token's quota is its own
+        assert len(list(tool.pull_tasks("alpha", "carol", max_tasks=3))) == 3
+
+
+def test_stream_budget_per_token(authed):
+    import threading
+    import time
+
+    with no_retry_client(authed.address, "alice-secret") as client:
+        opened = threading.Event()
+        follower = client._stub.PullTasks(pb.PullTasksRequest(project="alpha", annotator_id="alice", max_tasks=50, follow=True),
+                                          metadata=client._metadata, timeout=30)
+        def follow() -> None:
+            opened.set()
+            try:
+                list(follower)
+            except grpc.RpcError:
+                pass  # cancelled below
+
+        first = threading.Thread(target=follow, daemon=True)
+        first.start()
+        opened.wait(5)
+        deadline = time.monotonic() + 10
+        while authed.server._servicer._streams.get("alice", 0) < 1:  # the follow stream is open on the server
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(FeedbackClientError) as err:
+            client.stream([preference("s1", "ta", "alpha", annotator="alice")])
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in str(err.value)
+        follower.cancel()
+        first.join(10)
+        deadline = time.monotonic() + 10
+        while authed.server._servicer._streams.get("alice", 0):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.stream([preference("s1", "ta", "alpha", annotator="alice")]).count(pb.RecordResult.STATUS_ACCEPTED) == 1
+
+
+def test_an_unauthenticated_call_is_refused_before_its_request_is_parsed(authed):
+    """Bytes that do not parse would be INVALID_ARGUMENT for a known token; without one the
+    answer is UNAUTHENTICATED: the interceptor refused the call before parsing."""
+    garbage = b"\x0a\xff\xff" + b"z" * (2 << 20)
+    with grpc.insecure_channel(authed.address) as channel:
+        call = channel.unary_unary("/hitl.feedback.v1.FeedbackService/SubmitFeedback", request_serializer=lambda b: b,
+                                   response_deserializer=pb.SubmitFeedbackResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(garbage, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            call(garbage, timeout=10, metadata=(("authorization", "Bearer alpha-secret"),))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -13,6 +13,7 @@ The tokens file (YAML):
         annotators: ["*"]           # a tool that speaks for many people (map them in the tool)
         max_streams: 8              # optional: open streams at once (default: the server's)
         max_leases: 200             # optional: unexpired leases at once (default: the server's)
+        require_lease: false        # optional: default true for named annotators, false for "*"
 
 Calls carry `authorization: Bearer <token>` in their metadata. Tokens are
 compared by their SHA-256 digest, so the file may hold digests only.
@@ -21,7 +22,9 @@ A token is a principal: it may write and read its projects, and write
 judgements and lease tasks only as its annotator ids. Without `annotators`
 a token speaks for one person, the annotator id `name`: identity comes
 from the credential, and a tool that relays many people's judgements says
-so explicitly with `["*"]` or a list.
+so explicitly with `["*"]` or a list. A token with named annotators has
+its judgements accepted only on tasks they were handed (PullTasks): an id
+cannot answer tasks nobody gave it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Principal:
     all_annotators: bool = True
     max_streams: int | None = None  # None: the server's default
     max_leases: int | None = None
+    require_lease: bool = False  # a judgement is accepted only on a task its annotator was handed
 
     def allows(self, project: str) -> bool:
         return self.all_projects or project in self.projects
@@ -125,7 +129,7 @@ def _parse_entries(entries: list, path: str) -> dict[str, Principal]:
         where = f"tokens file {path}: tokens[{i}]"
         if not isinstance(entry, dict):
             raise TokensFileError(f"{where}: expected a mapping")
-        unknown = set(entry) - {"name", "token", "sha256", "projects", "annotators", "max_streams", "max_leases"}
+        unknown = set(entry) - {"name", "token", "sha256", "projects", "annotators", "max_streams", "max_leases", "require_lease"}
         if unknown:
             raise TokensFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         name = entry.get("name") or f"token-{i}"
@@ -148,6 +152,7 @@ def _parse_entries(entries: list, path: str) -> dict[str, Principal]:
             all_annotators="*" in annotators,
             max_streams=_positive(entry, "max_streams", where),
             max_leases=_positive(entry, "max_leases", where),
+            require_lease=_require_lease(entry, "*" in annotators, where),
         )
     return principals
 
@@ -161,6 +166,15 @@ def _annotators(entry: dict, where: str) -> list[str]:
     if not isinstance(annotators, list) or not annotators or not all(isinstance(a, str) and a for a in annotators):
         raise TokensFileError(f"{where}.annotators: expected a non-empty list of annotator ids (or ['*'])")
     return annotators
+
+
+def _require_lease(entry: dict, relays_anyone: bool, where: str) -> bool:
+    """By default a person's token (named annotators) answers only tasks it leased; a tool that
+    relays anyone (`["*"]`: webhooks, imports) does not lease, so it need not."""
+    value = entry.get("require_lease", not relays_anyone)
+    if not isinstance(value, bool):
+        raise TokensFileError(f"{where}.require_lease: expected true or false, got {value!r}")
+    return value
 
 
 def _positive(entry: dict, key: str, where: str) -> int | None:

@@ -28,7 +28,7 @@ from services.feedback.auth import ANONYMOUS, Principal, TokenAuth
 from services.feedback.committer import CommitterClosed, GroupCommitter, Overloaded
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.metrics import FeedbackMetrics
-from services.feedback.records import wire_records
+from services.feedback.records import Rejection, wire_records
 from services.feedback.store import FeedbackStore, Outcome, Status
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,16 @@ def _blobs(request, field_number: int):
     return wire_records(request.data, field_number)
 
 
+def _subset(blobs, keep: list[int]):
+    return None if blobs is None else [blobs[i] for i in keep]
+
+
+def _merge(verdicts: list[Outcome | None], outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Outcomes in the records' order: each verdict where one was given, else the next committed outcome."""
+    committed = iter(outcomes)
+    return [v if v is not None else next(committed) for v in verdicts]
+
+
 def _consume(future: asyncio.Future) -> None:
     """Retrieve a future's outcome, so that an unawaited failure is not logged as lost."""
     if not future.cancelled():
@@ -221,6 +231,30 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         for expiry in expiries:
             heapq.heappush(held, expiry)
 
+    async def _lease_verdicts(self, context, principal: Principal, records: Sequence[pb.FeedbackRecord]) -> list[Outcome | None] | None:
+        """For a principal that must lease first: per record, a rejection when its annotator was never
+        handed its task, else None (go on); None when every record may go on."""
+        try:
+            return await self._unleased(principal, records)
+        except Exception as err:  # noqa: BLE001 - the store is down: nothing of the call was acked
+            log.warning("lease lookup failed: %s", err)
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {type(err).__name__}; retry")
+        raise AssertionError("unreachable")
+
+    async def _unleased(self, principal: Principal, records: Sequence[pb.FeedbackRecord]) -> list[Outcome | None] | None:
+        if not principal.require_lease:
+            return None
+        pairs = {(r.task_id, r.annotator_id) for r in records}
+        held = await asyncio.get_running_loop().run_in_executor(self._readers, self._store.leased_pairs, pairs)
+        if len(held) == len(pairs):
+            return None
+        return [
+            None if (r.task_id, r.annotator_id) in held
+            else Outcome(Status.REJECTED, 0, Rejection("task_id", f"annotator {r.annotator_id!r} was never handed task {r.task_id!r}: lease it first (PullTasks)"))
+            for r in records
+        ]
+
     async def _check_batch_size(self, context: grpc.aio.ServicerContext, n: int) -> None:
         if n > self._cfg.max_batch_records:
             await context.abort(
@@ -257,7 +291,14 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         await self._check_annotators(context, principal, {r.annotator_id for r in request.records})
         await self._check_batch_size(context, len(request.records))
         records = list(request.records)
-        outcomes = await self._commit(context, records, wait=False, blobs=_blobs(request, 1)) if records else []
+        blobs = _blobs(request, 1)
+        verdicts = await self._lease_verdicts(context, principal, records) if records else None
+        if verdicts is None:
+            outcomes = await self._commit(context, records, wait=False, blobs=blobs) if records else []
+        else:
+            keep = [i for i, v in enumerate(verdicts) if v is None]
+            kept = await self._commit(context, [records[i] for i in keep], wait=False, blobs=_subset(blobs, keep)) if keep else []
+            outcomes = _merge(verdicts, kept)
         response = pb.SubmitFeedbackResponse()
         add_results(response.results, records, outcomes)
         self._metrics.ack_seconds.labels("SubmitFeedback").observe(time.perf_counter() - started)
@@ -331,7 +372,17 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     return
                 records = list(batch.records)
                 pending: asyncio.Future | None = None
-                if records:
+                verdicts = None
+                if records and principal.require_lease:
+                    try:
+                        verdicts = await self._unleased(principal, records)
+                    except Exception as err:  # noqa: BLE001 - the store is down: this batch is not acked
+                        await inflight.put((grpc.StatusCode.UNAVAILABLE, f"batch {batch.sequence}: store unavailable ({type(err).__name__}); resend unacked batches"))
+                        return
+                if verdicts is not None:
+                    keep = [i for i, v in enumerate(verdicts) if v is None]
+                    pending = asyncio.ensure_future(self._commit_kept(verdicts, [records[i] for i in keep], _subset(_blobs(batch, 2), keep)))
+                elif records:
                     blobs = _blobs(batch, 2)
                     # The batch joins the group that is forming now; the ack side awaits its
                     # outcomes. Without room in the committer, a task waits for it
@@ -350,6 +401,10 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         except Exception as err:  # noqa: BLE001 - the client went away; the handler ends
             log.debug("stream reader ended: %s", err)
         await inflight.put(None)
+
+    async def _commit_kept(self, verdicts: list[Outcome | None], kept: list[pb.FeedbackRecord], blobs) -> list[Outcome]:
+        outcomes = await self._committer.submit(kept, wait=True, blobs=blobs) if kept else []
+        return _merge(verdicts, outcomes)
 
     async def PullTasks(self, request: pb.PullTasksRequest, context) -> AsyncIterator[pb.LabelingTask]:
         principal = await self._principal(context)

@@ -147,6 +147,7 @@ class FeedbackStore(Protocol):
     def add_tasks(self, tasks: Sequence[Task]) -> list[TaskOutcome]: ...
     def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]: ...
     def get_task(self, task_id: str) -> Task | None: ...
+    def leased_pairs(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]: ...
     def gold_answers(self, projects: Iterable[str] | None = None) -> dict[str, GoldAnswer]: ...
     def stats(self, projects: Iterable[str] | None = None) -> StoreStats: ...
     def schema_version(self) -> int: ...
@@ -703,6 +704,22 @@ class SqlStore:
                 [(n, n, task_id) for task_id, n in sorted(per_task.items())],
             )
         return wanted
+
+    def leased_pairs(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (task_id, annotator_id) pairs among `pairs` whose annotator was ever handed the task
+        (a lease, expired or answered, or an earlier answer)."""
+        wanted = sorted(set(pairs))
+        found: set[tuple[str, str]] = set()
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        try:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                cur.execute(*self._d.find_leases(wanted[start : start + _IN_CHUNK]))
+                found.update((task_id, annotator_id) for task_id, annotator_id, _ in cur.fetchall())
+        finally:
+            self._rollback(conn)
+        return found
 
     def _remember_answered(self, pairs: set[tuple[str, str]]) -> None:
         """After a commit: these (task, annotator) pairs are answered for good (see `_mark_answered`)."""

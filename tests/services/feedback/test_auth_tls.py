@@ -109,6 +109,7 @@ def test_wildcard_token_by_digest_sees_every_project(authed):
         ("tokens:\n  - token: x\n    projects: [p]\n", r"tokens\[0\]\.annotators: a token without a name"),
         ("tokens:\n  - token: x\n    projects: [p]\n    annotators: []\n", r"tokens\[0\]\.annotators: expected a non-empty list"),
         ("tokens:\n  - name: a\n    token: x\n    projects: [p]\n    max_leases: 0\n", r"tokens\[0\]\.max_leases"),
+        ("tokens:\n  - name: a\n    token: x\n    projects: [p]\n    require_lease: maybe\n", r"tokens\[0\]\.require_lease"),
     ],
 )
 def test_bad_tokens_files_name_the_entry(tmp_path, text, message):
@@ -208,8 +209,27 @@ def test_a_person_token_acts_only_as_its_annotator(authed):
                 call()
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "'bob'" in str(err.value)
         assert stored(authed) == 0
+        assert [t.task_id for t in client.pull_tasks("alpha", "alice")] == ["ta"]
         assert client.submit([preference("a1", "ta", "alpha", annotator="alice")])[0].status == pb.RecordResult.STATUS_ACCEPTED
     assert [r.record.annotator_id for r in authed.server.store.iter_after(0)] == ["alice"]
+
+
+def test_a_person_answers_only_tasks_handed_to_them(authed):
+    """A named annotator's judgement needs the task's lease; a tool relaying anyone ("*") does not lease."""
+    authed.server.store.add_tasks([make_task("tc", "alpha", wanted=2)])
+    with no_retry_client(authed.address, "alice-secret") as client:
+        unleased = client.submit([preference("u1", "ta", "alpha", annotator="alice")])
+        assert unleased[0].status == pb.RecordResult.STATUS_REJECTED and unleased[0].field == "task_id"
+        assert "never handed task 'ta'" in unleased[0].reason
+        leased = [t.task_id for t in client.pull_tasks("alpha", "alice")]
+        assert leased == ["ta"]
+        mixed = client.stream([preference("s1", "ta", "alpha", annotator="alice"), preference("s2", "tc", "alpha", annotator="alice")])
+        assert [r.status for r in mixed.results] == [pb.RecordResult.STATUS_ACCEPTED, pb.RecordResult.STATUS_REJECTED]
+        edit = client.submit([preference("s3", "ta", "alpha", annotator="alice", choice=pb.Preference.CHOICE_B)])
+        assert edit[0].status == pb.RecordResult.STATUS_ACCEPTED  # a second answer to a task handed over: an edit
+    with no_retry_client(authed.address, "alpha-secret") as tool:
+        assert tool.submit([preference("w1", "tc", "alpha", annotator="dora")])[0].status == pb.RecordResult.STATUS_ACCEPTED
+    assert [r.record.feedback_id for r in authed.server.store.iter_after(0)] == ["s1", "s3", "w1"]
 
 
 def test_lease_quota_per_token(authed):

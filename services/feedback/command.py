@@ -38,6 +38,8 @@ def feedback() -> None:
               help="Serve without TLS on a non-loopback --host on purpose (behind a TLS-terminating proxy).")
 @click.option("--reflection", is_flag=True, default=None, help="Serve gRPC reflection.")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9464; 0 picks one).")
+@click.option("--metrics-keys", "metrics_keys_file", default=None,
+              help="Bearer keys of the metrics endpoint, one per line (needed off the loopback address).")
 @click.option("--no-metrics", is_flag=True, help="Do not serve metrics.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None, help="Write the bound port here once serving.")
 def serve(no_metrics: bool, ready_file: str | None, **options) -> None:
@@ -46,9 +48,7 @@ def serve(no_metrics: bool, ready_file: str | None, **options) -> None:
     from services.feedback.server import serve_forever
 
     try:
-        cfg = build_config(options)
-        if no_metrics:
-            cfg = cfg.model_copy(update={"metrics_port": None})
+        cfg = build_config({**options, "metrics_port": None} if no_metrics else options, keep_none=("metrics_port",) if no_metrics else ())
         asyncio.run(serve_forever(cfg, Path(ready_file) if ready_file else None))
     except (ConfigError, TokensFileError, FileNotFoundError) as err:
         fail(str(err))
@@ -198,10 +198,13 @@ def stats(server: str, token: str | None, tls_ca, client_cert, client_key, proje
 @client_options
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=5.0, show_default=True, help="Seconds to wait for the answer.")
 @click.option("--tls-server-name", default=None, help="The name the server's certificate carries, when --server is another (e.g. 127.0.0.1 in a probe).")
-def health(server: str, token: str | None, tls_ca, client_cert, client_key, timeout_s: float, tls_server_name: str | None) -> None:
+@click.option("--liveness", is_flag=True, help="Ask whether the process serves at all (health service ''), not whether its store answers.")
+def health(server: str, token: str | None, tls_ca, client_cert, client_key, timeout_s: float, tls_server_name: str | None, liveness: bool) -> None:
     """Exit 0 when the service answers SERVING to the standard gRPC health check (over TLS with
     --tls-ca): the readiness probe of a deployment whose port speaks TLS, which Kubernetes'
-    own grpc probe cannot reach."""
+    own grpc probe cannot reach. The service is NOT_SERVING while its store's database does not
+    answer; with --liveness the check asks only whether the process serves (a liveness probe
+    must not restart a pod because its database is away)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -211,7 +214,7 @@ def health(server: str, token: str | None, tls_ca, client_cert, client_key, time
     client = make_client(server, token, tls_ca, client_cert, client_key, channel_options=overrides)
     try:
         stub = health_pb2_grpc.HealthStub(client._channel)
-        status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s).status
+        status = stub.Check(health_pb2.HealthCheckRequest(service="" if liveness else SERVICE_NAME), timeout=timeout_s).status
     except grpc.RpcError as err:
         click.echo(f"{server}: {err.code().name}: {err.details()}", err=True)
         sys.exit(1)

@@ -41,6 +41,10 @@ class FeedbackServiceConfig(BaseModel):
     """Serve gRPC server reflection."""
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     """Prometheus metrics over HTTP on this port (0 picks a free one; null turns metrics off)."""
+    metrics_keys_file: Path | None = None
+    """Bearer keys of the metrics endpoint (one per line; Prometheus' `authorization:
+    credentials_file`); required when metrics are served on a non-loopback `host`. Metrics are
+    served over TLS with the server's certificate when `tls_cert` is set."""
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest request message accepted; larger ones fail with RESOURCE_EXHAUSTED."""
     max_batch_records: int = Field(1000, ge=1)
@@ -82,6 +86,10 @@ class FeedbackServiceConfig(BaseModel):
                        tls=self.tls_cert is not None, insecure=self.insecure, field="host",
                        auth="tokens_file (--tokens) or tls_client_ca (--tls-client-ca)",
                        tls_fields="tls_cert and tls_key (--tls-cert, --tls-key)", insecure_field="insecure (--insecure)")
+        if self.metrics_port is not None:
+            check_exposure(self.host, authenticated=self.metrics_keys_file is not None, tls=self.tls_cert is not None,
+                           insecure=self.insecure, field="metrics_port", auth="metrics_keys_file (--metrics-keys)",
+                           tls_fields="tls_cert and tls_key (--tls-cert, --tls-key)", insecure_field="insecure (--insecure)")
         return self
 
     @property
@@ -89,10 +97,11 @@ class FeedbackServiceConfig(BaseModel):
         return self.tls_cert is not None
 
 
-def build_config(values: dict[str, Any], prefix: str = "") -> FeedbackServiceConfig:
-    """Validate raw values; a ConfigError names each wrong field with its dotted path."""
+def build_config(values: dict[str, Any], prefix: str = "", keep_none: tuple[str, ...] = ()) -> FeedbackServiceConfig:
+    """Validate raw values (None means "the default", except for the fields in `keep_none`);
+    a ConfigError names each wrong field with its dotted path."""
     try:
-        return FeedbackServiceConfig(**{k: v for k, v in values.items() if v is not None})
+        return FeedbackServiceConfig(**{k: v for k, v in values.items() if v is not None or k in keep_none})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, prefix)) from None
 

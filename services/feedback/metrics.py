@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from socketserver import ThreadingMixIn
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from services.exposure import key_matches
 
 
 @dataclass
@@ -65,3 +71,50 @@ class FeedbackMetrics:
                 registry=registry,
             ),
         )
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's name
+        return None
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _guarded(app, keys: tuple[str, ...] | None):
+    """The metrics WSGI app behind `Authorization: Bearer <key>` (constant-time), when keys are set."""
+    if keys is None:
+        return app
+
+    def guarded(environ, start_response):
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not key_matches(presented.strip(), keys):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"metrics: missing or unknown bearer key\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, keys: tuple[str, ...] | None,
+                  certfile: Path | None = None, keyfile: Path | None = None) -> WSGIServer:
+    """Serve /metrics from a daemon thread: bearer keys when given, TLS with the server's certificate when given.
+
+    prometheus_client's own server has no authentication, and the config refuses an
+    unauthenticated endpoint off the loopback address (`metrics_keys_file`)."""
+    server_class = _ThreadingServer
+    if ":" in host:  # an IPv6 address ("::" for every interface)
+        import socket
+
+        server_class = type("_ThreadingServer6", (_ThreadingServer,), {"address_family": socket.AF_INET6})
+    server = make_server(host.strip("[]"), port, _guarded(make_wsgi_app(registry), keys), server_class, handler_class=_QuietHandler)
+    if certfile is not None and keyfile is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(certfile), str(keyfile))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
-from services.exposure import redact_url
+from services.exposure import read_api_keys, redact_url
 from services.feedback.auth import TokenAuth
 from services.feedback.committer import GroupCommitter
 from services.feedback.config import FeedbackServiceConfig
@@ -113,9 +113,10 @@ class FeedbackServer:
         return self.port
 
     async def _set_health(self, up: bool) -> None:
+        """The service's status follows the store; the server's own ("", liveness) stays SERVING until shutdown."""
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._health.set(SERVICE_NAME, status)  # type: ignore[union-attr]
-        await self._health.set("", status)  # type: ignore[union-attr]
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)  # type: ignore[union-attr]
         self.metrics.store_up.set(1 if up else 0)
 
     async def _watch_store(self) -> None:
@@ -145,9 +146,11 @@ class FeedbackServer:
     def _start_metrics(self) -> None:
         if self.cfg.metrics_port is None:
             return
-        from prometheus_client import start_http_server
+        from services.feedback.metrics import serve_metrics
 
-        server, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.host, registry=self.metrics.registry)
+        keys = read_api_keys(self.cfg.metrics_keys_file, "metrics_keys_file") if self.cfg.metrics_keys_file else None
+        server = serve_metrics(self.metrics.registry, self.cfg.host, self.cfg.metrics_port, keys,
+                               certfile=self.cfg.tls_cert, keyfile=self.cfg.tls_key)
         self._metrics_http = server
         self.metrics_port = server.server_port
 

@@ -1,6 +1,8 @@
 """Tokens, project scopes, TLS and mutual TLS; every refused call stores nothing."""
 
 import hashlib
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -191,13 +193,29 @@ def test_off_loopback_the_service_will_not_start_open_and_answers_no_one_without
         FeedbackServiceConfig(store=store_url, host=host)
     with pytest.raises(ValueError, match="needs TLS"):
         FeedbackServiceConfig(store=store_url, host=host, tokens_file=tokens_file)
-    with running_server(store_url, host=host, tokens_file=tokens_file, insecure=True) as srv:
+    with pytest.raises(ValueError, match="metrics_port: .* needs authentication: set metrics_keys_file"):
+        FeedbackServiceConfig(store=store_url, host=host, tokens_file=tokens_file, insecure=True, metrics_port=0)
+    keys = tokens_file.parent / "metrics-keys"
+    keys.write_text("metrics-key-0123456789abcdef\n")
+    keys.chmod(0o600)
+    with running_server(store_url, host=host, tokens_file=tokens_file, insecure=True, metrics_port=0, metrics_keys_file=keys) as srv:
+        srv.server.store.add_tasks([make_task("ta", "alpha")])
         with no_retry_client(f"{host}:{srv.server.port}") as client:
-            with pytest.raises(FeedbackClientError) as err:
-                client.stats()
-            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            for call in (lambda: client.submit([preference("x", "ta", "alpha")]), lambda: client.stream([preference("x", "ta", "alpha")]),
+                         lambda: client.stats(), lambda: list(client.pull_tasks("alpha", "me"))):
+                with pytest.raises(FeedbackClientError) as err:
+                    call()
+                assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert stored(srv) == 0
         with no_retry_client(f"{host}:{srv.server.port}", "ops-secret") as client:
             assert client.stats() is not None
+        metrics = f"http://{host}:{srv.server.metrics_port}/metrics"
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789abcdef"}):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(urllib.request.Request(metrics, headers=headers), timeout=10)
+            assert err.value.code == 401
+        body = urllib.request.urlopen(urllib.request.Request(metrics, headers={"Authorization": "Bearer metrics-key-0123456789abcdef"}), timeout=10).read()
+        assert b"hitl_feedback_store_up 1.0" in body
 
 
 def test_a_person_token_acts_only_as_its_annotator(authed):

@@ -39,9 +39,9 @@ def private_postgres():
         pg.close()
 
 
-def _health(address: str) -> int:
+def _health(address: str, service: str = SERVICE_NAME) -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def _wait_health(address: str, status: int, within_s: float) -> None:
@@ -82,6 +82,7 @@ def test_postgres_restart_under_four_streaming_clients(private_postgres):
             time.sleep(0.05)
         private_postgres.stop()
         _wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, within_s=10)
+        assert _health(server.address, "") == health_pb2.HealthCheckResponse.SERVING  # liveness: the process serves
         during = sum(acked)
         time.sleep(1.0)
         assert sum(acked) == during, "nothing is acknowledged while the database is down"

@@ -1,9 +1,11 @@
 """The HTTP front of the labeling page: static files and a small JSON API.
 
     GET  /                    the page (static/index.html); /static/app.js, /static/style.css
-    GET  /api/me              {"annotator_id" (null until signed in), "project", "guidelines", "guidelines_version"}
-    POST /api/signin          {"annotator_id": "alice"} -> sets the annotator cookie
-    POST /api/signout         clears it
+    GET  /api/me              {"annotator_id" (null until signed in), "auth" (the sign-in mode), "project",
+                              "guidelines", "guidelines_version"}
+    POST /api/signin          {"token": "..."} (mode tokens) or {"annotator_id": "alice"} (mode open)
+                              -> {"annotator_id"} and a session cookie; mode header: none (the proxy signs in)
+    POST /api/signout         ends the session
     GET  /api/task            {"task": {...} | null, "held": N}: the annotator's current task (pulled when none is held)
     POST /api/judgements      one judgement (see judgements.py) -> {"status": "accepted" | "duplicate", "seq", ...}
     POST /api/skip            {"task_id": "t1"}: the task is set aside (its lease runs out and frees it)
@@ -11,24 +13,30 @@
                               cannot be reached), and this server's tally for the annotator
     GET  /healthz             200 "ok"
 
-Errors are JSON {"error", "field", "reason"}: 400 a malformed body (the field's
-path), 401 not signed in, 409 a judgement that contradicts what the server
-knows (other guidelines, a task already judged with another feedback_id),
-415 a POST that is not JSON, 422 a record the service rejected (its field and
-reason: unknown task, unknown candidate, a rating off its scale), 502 the
-service could not be reached (the page retries with the same feedback_id).
+Errors are JSON {"error", "field", "reason"}: 400 a malformed body (the field's path; `body`
+for one that is not a JSON object, or nests deeper than 32), 401 not signed in (or a wrong
+token, or no proxy secret), 409 a judgement that contradicts what the server knows (other
+guidelines, a task already judged with another feedback_id), 413 a body over its limit
+(`max_body_bytes` for a judgement, 4 KiB for the rest), 415 a POST that is not JSON, 422 a
+record the service rejected (its field and reason: unknown task, unknown candidate, a
+rating off its scale), 502 the service could not be reached (the page retries with the
+same feedback_id).
 
-The annotator id is self-declared (a cookie, SameSite=Strict); the service's
-bearer token stays in this server. Serve it where the annotators are trusted.
+Who the annotator is comes from a credential only (auth.py: a personal token's session, a
+sign-in proxy's header with its shared secret, or on loopback a self-declared id), never
+from a body: a body naming `annotator_id` is refused. The service's bearer token stays in
+this server. What the server keeps per annotator or per task is bounded (tasks.py, auth.py,
+KeyedLocks), and every id is checked (at most 128 bytes) before anything is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import contextlib
 import json
 import logging
+import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -36,15 +44,18 @@ from aiohttp import web
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 from services.feedback.client import Backoff, FeedbackClient, FeedbackClientError
+from services.labeling.web.auth import Denied, Gate, Sessions, id_problem
 from services.labeling.web.config import Guidelines, LabelWebConfig
 from services.labeling.web.judgements import BadJudgement, parse_judgement, to_record
 from services.labeling.web.tasks import TaskBook
 
 log = logging.getLogger(__name__)
 
-COOKIE = "hitl_annotator"
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
-_MAX_BODY = 1024 * 1024
+SMALL_BODY_BYTES = 4096
+"""Largest body of a sign-in or a skip: a token or an id, and some JSON around it."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects in a body; a judgement needs 4."""
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -53,84 +64,152 @@ _HEADERS = {
 }
 
 
+class KeyedLocks:
+    """One asyncio.Lock per annotator, kept only while someone holds or waits for it.
+
+    A lock that nobody uses is dropped at once, so the table holds no more entries than
+    there are requests in flight, however many annotator ids come and go."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 @dataclass
 class Front:
-    """What the handlers share: the config, the gRPC client, the task book, per-annotator locks."""
+    """What the handlers share: the config, the gRPC client, the task book, the gate, per-annotator locks."""
 
     cfg: LabelWebConfig
     guidelines: Guidelines
     client: FeedbackClient
     book: TaskBook
-    locks: dict[str, asyncio.Lock]
-
-    def lock(self, annotator: str) -> asyncio.Lock:
-        return self.locks.setdefault(annotator, asyncio.Lock())
+    gate: Gate
+    locks: KeyedLocks
 
 
 FRONT = web.AppKey("front", Front)
 STATIC = web.AppKey("static", dict)
 
 
+class Refused(Exception):
+    """A request answered with an error before (or instead of) its work: status, field, reason."""
+
+    def __init__(self, status: int, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.status = status
+        self.field = field
+        self.reason = reason
+
+
 def error(status: int, field: str, reason: str) -> web.Response:
     return web.json_response({"error": f"{field}: {reason}", "field": field, "reason": reason}, status=status)
+
+
+@web.middleware
+async def _refusals(request: web.Request, handler) -> web.StreamResponse:
+    """Refused (a bad body) and Denied (no annotator) become JSON errors naming the field."""
+    try:
+        return await handler(request)
+    except (Refused, Denied) as err:
+        return error(err.status, err.field, err.reason)
+
+
+# -- bodies ---------------------------------------------------------------------------
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nests_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit`, found without parsing: json.loads
+    recurses once per level (RecursionError on `[` * 100000). Brackets inside strings do not count."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # too few brackets to nest that deep: nothing to scan
+    depth = 0
+    for byte in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+async def read_json_bytes(request: web.Request, limit: int) -> bytes:
+    """The body of a JSON POST, refused before parsing: 415 not JSON, 413 over `limit`, 400 too deep."""
+    if request.content_type != "application/json":
+        raise Refused(415, "Content-Type", "send application/json")
+    too_large = Refused(413, "body", f"at most {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    if len(body) > limit:
+        raise too_large
+    if nests_deeper_than(body, MAX_JSON_DEPTH):
+        raise Refused(400, "body", f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+async def json_object(request: web.Request, limit: int = SMALL_BODY_BYTES) -> dict[str, object]:
+    """A small JSON object body (a sign-in, a skip); anything else is refused naming `body`."""
+    raw = await read_json_bytes(request, limit)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Refused(400, "body", f"not JSON ({err})") from None
+    except RecursionError:  # a nesting the scan above let through still answers 400, never 500
+        raise Refused(400, "body", "nested too deeply") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "body", "expected a JSON object")
+    return body
 
 
 # -- the annotator ----------------------------------------------------------------
 
 
-def annotator_of(request: web.Request) -> str | None:
-    """The signed-in annotator id from the cookie, or None."""
-    raw = request.cookies.get(COOKIE)
-    if not raw:
-        return None
-    try:
-        value = base64.urlsafe_b64decode(raw.encode("ascii")).decode("utf-8")
-    except (binascii.Error, UnicodeError, ValueError):
-        return None
-    return value if _valid_annotator(value) is None else None
-
-
-def _valid_annotator(value: object) -> str | None:
-    """Why `value` cannot be an annotator id, or None."""
-    if not isinstance(value, str) or not value.strip():
-        return "required: a non-empty string"
-    if value != value.strip():
-        return "must not start or end with spaces"
-    if "\x00" in value or len(value.encode("utf-8")) > 128:
-        return "at most 128 bytes of UTF-8, without NUL characters"
-    return None
-
-
 def _signed_in(handler):
-    """Answer 401 unless an annotator is signed in; pass the id on."""
+    """Answer 401 unless the request's credential names an annotator; pass the id on."""
 
-    async def wrapped(request: web.Request) -> web.Response:
-        annotator = annotator_of(request)
-        if annotator is None:
-            return error(401, "annotator_id", "sign in first")
-        return await handler(request, annotator)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        return await handler(request, request.app[FRONT].gate.annotator_of(request))
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
-async def _json_body(request: web.Request) -> tuple[object | None, web.Response | None]:
-    """The parsed JSON body, or an error response (415 when not sent as JSON, 400 when malformed)."""
-    if request.content_type != "application/json":
-        return None, error(415, "Content-Type", "send application/json")
+def _annotator_or_none(request: web.Request) -> str | None:
     try:
-        return json.loads(await request.read()), None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return None, error(400, "body", f"not JSON ({err})")
+        return request.app[FRONT].gate.annotator_of(request)
+    except Denied:
+        return None
 
 
 async def me(request: web.Request) -> web.Response:
-    """Who is signed in, and what the page shows before any task."""
+    """Who is signed in, how one signs in, and what the page shows before any task."""
     front = request.app[FRONT]
     return web.json_response(
         {
-            "annotator_id": annotator_of(request),
+            "annotator_id": _annotator_or_none(request),
+            "auth": front.cfg.auth.mode,
             "project": front.cfg.project,
             "guidelines": front.guidelines.text,
             "guidelines_version": front.guidelines.version,
@@ -139,24 +218,18 @@ async def me(request: web.Request) -> web.Response:
 
 
 async def signin(request: web.Request) -> web.Response:
-    body, bad = await _json_body(request)
-    if bad is not None:
-        return bad
-    if not isinstance(body, dict) or set(body) - {"annotator_id"}:
-        return error(400, "body", 'expected {"annotator_id": "..."}')
-    value = body.get("annotator_id")
-    reason = _valid_annotator(value)
-    if reason is not None:
-        return error(400, "annotator_id", reason)
-    response = web.json_response({"annotator_id": value})
-    cookie = base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii")
-    response.set_cookie(COOKIE, cookie, max_age=30 * 86400, path="/", httponly=True, samesite="Strict")
+    """A token's owner (or, in open mode, the id typed) gets a new session; nothing else does."""
+    gate = request.app[FRONT].gate
+    annotator = gate.sign_in(await json_object(request))
+    response = web.json_response({"annotator_id": annotator})
+    gate.sign_out(request, response)  # a session this browser had before ends here
+    gate.set_cookie(response, annotator)
     return response
 
 
 async def signout(request: web.Request) -> web.Response:
     response = web.json_response({"annotator_id": None})
-    response.del_cookie(COOKIE, path="/")
+    request.app[FRONT].gate.sign_out(request, response)
     return response
 
 
@@ -184,7 +257,7 @@ async def _pull(front: Front, annotator: str) -> None:
 async def current_task(request: web.Request, annotator: str) -> web.Response:
     """The annotator's current task; pulls ahead when fewer than `prefetch` are held."""
     front = request.app[FRONT]
-    async with front.lock(annotator):
+    async with front.locks.hold(annotator):
         held = front.book.current(annotator)
         if held is None or front.book.held_count(annotator) < front.cfg.prefetch:
             try:
@@ -199,12 +272,16 @@ async def current_task(request: web.Request, annotator: str) -> web.Response:
 
 @_signed_in
 async def skip(request: web.Request, annotator: str) -> web.Response:
-    body, bad = await _json_body(request)
-    if bad is not None:
-        return bad
-    task_id = body.get("task_id") if isinstance(body, dict) else None
-    if not isinstance(task_id, str) or not task_id:
-        return error(400, "task_id", "required: the id of the task to skip")
+    """Set a held task aside; its id is checked before the book is touched."""
+    body = await json_object(request)
+    unknown = sorted(set(body) - {"task_id"})
+    if unknown:
+        raise Refused(400, unknown[0], "unknown key")
+    task_id = body.get("task_id")
+    problem = id_problem(task_id)
+    if problem is not None:
+        raise Refused(400, "task_id", f"the id of the task to skip: {problem}")
+    assert isinstance(task_id, str)
     front = request.app[FRONT]
     return web.json_response({"task_id": task_id, "skipped": front.book.finish(annotator, task_id)})
 
@@ -218,17 +295,16 @@ _STATUS = {pb.RecordResult.STATUS_ACCEPTED: "accepted", pb.RecordResult.STATUS_D
 @_signed_in
 async def post_judgement(request: web.Request, annotator: str) -> web.Response:
     """Store one judgement; a resend (same feedback_id and content) is answered `duplicate`."""
-    if request.content_type != "application/json":
-        return error(415, "Content-Type", "send application/json")
     front = request.app[FRONT]
+    body = await read_json_bytes(request, front.cfg.max_body_bytes)
     try:
-        judgement = parse_judgement(await request.read())
+        judgement = parse_judgement(body)
         record = to_record(judgement, project=front.cfg.project, annotator_id=annotator)
     except BadJudgement as err:
         return error(400, err.field, err.reason)
     if judgement.guidelines_version != front.guidelines.version:
         return error(409, "guidelines_version", f"the guidelines are now version {front.guidelines.version!r}: reload the page")
-    async with front.lock(annotator):
+    async with front.locks.hold(annotator):
         if judgement.finishes:
             earlier = front.book.conflicting_judgement(annotator, judgement.task_id, judgement.feedback_id)
             if earlier is not None:
@@ -333,10 +409,26 @@ def make_client(cfg: LabelWebConfig) -> FeedbackClient:
     )
 
 
+def make_gate(cfg: LabelWebConfig) -> Gate:
+    """The sign-in of the configured mode, with the secrets the config read and checked."""
+    auth = cfg.auth
+    return Gate(
+        mode=auth.mode,
+        sessions=Sessions(auth.session_ttl_seconds, auth.max_sessions),
+        tokens=cfg.annotator_tokens,
+        user_header=auth.user_header,
+        secret_header=auth.proxy_secret_header,
+        proxy_secret=cfg.proxy_secret_digest,
+        secure_cookie=cfg.secure_cookie,
+        session_ttl_s=auth.session_ttl_seconds,
+    )
+
+
 def make_app(cfg: LabelWebConfig, client: FeedbackClient, guidelines: Guidelines) -> web.Application:
     """The labeling page's app; judgements go to the feedback service through `client`."""
-    app = web.Application(client_max_size=_MAX_BODY, middlewares=[_security_headers])
-    app[FRONT] = Front(cfg, guidelines, client, TaskBook(shuffle=cfg.shuffle), {})
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_security_headers, _refusals])
+    book = TaskBook(shuffle=cfg.shuffle, max_annotators=cfg.max_annotators, max_tasks=cfg.max_tasks_per_annotator)
+    app[FRONT] = Front(cfg, guidelines, client, book, make_gate(cfg), KeyedLocks())
     app[STATIC] = load_static()
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -28,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from services.labeling.web.app import load_static, make_app, make_client
+from services.labeling.web.app import FRONT, Front, load_static, make_app, make_client
 from services.labeling.web.config import (
     ConfigError,
     Guidelines,
@@ -61,17 +62,23 @@ class WebFront:
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
-    def start(self) -> "WebFront":
+    def start(self, ssl_context: ssl.SSLContext | None = None) -> "WebFront":
         self._thread.start()
         self._run(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ssl_context)
         self._run(site.start())
         self.port = self.runner.addresses[0][1]
+        self.scheme = "https" if ssl_context is not None else "http"
         return self
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{getattr(self, 'scheme', 'http')}://127.0.0.1:{self.port}"
+
+    @property
+    def front(self) -> Front:
+        """What the handlers share (the task book, the sessions, the locks), to count what it holds."""
+        return self.app[FRONT]
 
     def stop(self) -> None:
         self._run(self.runner.cleanup())
@@ -88,23 +95,44 @@ def web_config(address: str, **values) -> LabelWebConfig:
 
 
 class Http:
-    """A tiny JSON client that keeps the sign-in cookie, as a browser would."""
+    """A tiny JSON client that keeps the sign-in cookie, as a browser would (or, with
+    `cookies=False`, sends only the headers it is given: a forged cookie, a proxy's headers)."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, cookies: bool = True, headers: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self.base = base
-        self._opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.jar = CookieJar()
+        handlers: list = [urllib.request.HTTPSHandler(context=ssl_context)] if ssl_context else []
+        if cookies:
+            handlers.append(urllib.request.HTTPCookieProcessor(self.jar))
+        self._opener = urllib.request.build_opener(*handlers)
+        self.headers = dict(headers or {})
+        self.last_headers: dict[str, list[str]] = {}
 
     def call(self, method: str, path: str, body: object = None, *, raw: bytes | None = None,
-             content_type: str = "application/json") -> tuple[int, dict]:
+             content_type: str = "application/json", headers: dict[str, str] | None = None) -> tuple[int, dict]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers={**self.headers, **(headers or {})})
         if data is not None:
             request.add_header("Content-Type", content_type)
         try:
             with self._opener.open(request, timeout=30) as response:
+                self._keep_headers(response.headers)
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as err:
+            self._keep_headers(err.headers)
             return err.code, json.loads(err.read() or b"null")
+
+    def _keep_headers(self, headers) -> None:
+        self.last_headers = {key.lower(): headers.get_all(key) for key in headers.keys()}
+
+    def set_cookies(self) -> list[str]:
+        """The Set-Cookie headers of the last answer."""
+        return self.last_headers.get("set-cookie") or []
+
+    def session_cookie(self) -> str | None:
+        """The session id the browser holds, if any."""
+        return next((c.value for c in self.jar if c.name == "hitl_session"), None)
 
     def sign_in(self, annotator: str) -> None:
         assert self.call("POST", "/api/signin", {"annotator_id": annotator}) == (200, {"annotator_id": annotator})
@@ -163,6 +191,8 @@ def test_bad_input_is_answered_4xx_naming_the_field(running, url):
 
     cases = [
         (answer(raw=b"{not json"), (400, "body")),
+        (answer(raw=b"[" * 100_000), (400, "body")),  # once a RecursionError: 500
+        (answer(raw=b"[1, 2]"), (400, "body")),  # not an object
         (answer(judgement("t1", preference={**pref, "choice": None})), (400, "preference.choice")),
         (answer(judgement("t1", preference={k: v for k, v in pref.items() if k != "choice"})), (400, "preference.choice")),
         (answer(judgement("t1", preference={**pref, "choice": "C"})), (400, "preference.choice")),
@@ -242,8 +272,8 @@ def test_the_page_and_its_files_are_served(running):
     with urllib.request.urlopen(running.base + "/static/app.js", timeout=30) as response:
         assert response.headers["Content-Type"].startswith("text/javascript")
         assert b"newFeedbackId" in response.read()
-    assert http.call("GET", "/api/me")[1] == {"annotator_id": None, "project": "demo", "guidelines": "Prefer short answers.",
-                                               "guidelines_version": "g-7"}
+    assert http.call("GET", "/api/me")[1] == {"annotator_id": None, "auth": "open", "project": "demo",
+                                               "guidelines": "Prefer short answers.", "guidelines_version": "g-7"}
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(running.base + "/static/../app.py", timeout=30)
     assert missing.value.code == 404

@@ -29,6 +29,7 @@ from tests.services.labeling.conftest import (
     stored,
     wait_stored,
 )
+from tests.services.labeling.test_web_auth import ALICE_TOKEN, BOB_TOKEN, PROXY_SECRET
 from tests.services.labeling.test_web_http import WebFront, web_config
 
 # the page's outbox in localStorage (one key per annotator), read and put back as it was
@@ -97,10 +98,26 @@ class Page:
         self.wait(f"#{element_id}", lambda: self.el(element_id).is_displayed())
 
     def sign_in(self, annotator: str) -> None:
+        """Sign in with a self-declared id (open mode, loopback only)."""
         self.wait_shown("signin")
+        assert not self.el("token").is_displayed()
         self.el("annotator-id").send_keys(annotator)
         self.el("signin-button").click()
         self.wait_text("annotator", annotator)
+
+    def sign_in_with_token(self, token: str, annotator: str | None) -> None:
+        """Sign in with a personal token (tokens mode); `annotator` None: the token must be refused."""
+        self.wait_shown("signin")
+        assert self.el("token").get_attribute("type") == "password" and not self.el("annotator-id").is_displayed()
+        self.el("token").clear()
+        self.el("token").send_keys(token)
+        self.el("signin-button").click()
+        if annotator is None:
+            self.wait("the refusal", lambda: "not a token of this page" in self.text("signin-error"))
+            assert self.el("signin").is_displayed() and not self.el("work").is_displayed()
+            assert self.el("token").get_attribute("value") == ""  # the page keeps no token
+        else:
+            self.wait_text("annotator", annotator)
 
     def keys(self, *keys: str) -> None:
         """Type keys as a person would, to whatever has the focus."""
@@ -114,13 +131,22 @@ class Page:
         return [card.get_attribute("data-candidate-id") for card in self.driver.find_elements(By.CSS_SELECTOR, "#candidates .candidate")]
 
 
-def test_sign_in_then_a_click_and_keys_judge_tasks_into_the_store(browser, url):
+def test_sign_in_with_a_token_then_a_click_and_keys_judge_tasks_into_the_store(browser, url, tmp_path):
     publish(url, make_task("t1"), make_task("t2"), make_task("r1", n=3))
     srv = start_server(url)
-    front = WebFront(web_config(srv.address, guidelines="Prefer the shorter answer when both are right.", guidelines_version="g-7")).start()
+    tokens = tmp_path / "annotators.yaml"
+    tokens.write_text(f"alice: {ALICE_TOKEN}\nbob: {BOB_TOKEN}\n")
+    tokens.chmod(0o600)
+    front = WebFront(web_config(srv.address, guidelines="Prefer the shorter answer when both are right.", guidelines_version="g-7",
+                                auth={"tokens_file": str(tokens)})).start()
     try:
         page = Page(browser, front.base).open()
-        page.sign_in("alice")
+        page.sign_in_with_token(BOB_TOKEN[:-2], None)  # a wrong token: still signed out
+        assert browser.get_cookies() == []
+        page.sign_in_with_token(ALICE_TOKEN, "alice")  # the token says who: alice
+        (cookie,) = browser.get_cookies()
+        assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == ("hitl_session", True, "Strict")
+        assert browser.execute_script("return document.cookie") == ""  # no script on the page reads the session
         page.wait_text("task-id", "t1")
         assert page.text("guidelines") == "Prefer the shorter answer when both are right."
         assert page.text("guidelines-version") == "g-7"
@@ -140,6 +166,11 @@ def test_sign_in_then_a_click_and_keys_judge_tasks_into_the_store(browser, url):
         page.wait_text("server-records", "3")
         assert page.text("judged") == "3" and page.text("unsent") == "0"
         records = wait_stored(url, 3)
+        page.el("signout").click()  # the session ends on the server, and the form asks for a token again
+        page.wait_shown("signin")
+        browser.refresh()
+        page.wait_shown("signin")
+        assert page.el("token").is_displayed() and len(front.front.gate.sessions) == 0
     finally:
         front.stop()
         srv.stop()
@@ -241,3 +272,34 @@ def test_a_judgement_made_while_the_service_is_down_is_stored_once(browser, url)
     assert (record.task_id, record.annotator_id, record.guidelines_version) == ("t1", "carol", "g-1")
     assert (record.preference.choice, record.preference.strength) == (pb.Preference.CHOICE_B, 1.0)
     assert record.preference.candidate_b_id == order[1]
+
+
+def test_behind_a_sign_in_proxy_the_page_asks_nothing(browser, url, tmp_path):
+    """Header mode: the proxy's headers (set here through the DevTools protocol, as a proxy
+    would add them) say who it is; without them the page explains, and shows no form."""
+    publish(url, make_task("t1"))
+    srv = start_server(url)
+    secret = tmp_path / "proxy-secret"
+    secret.write_text(PROXY_SECRET)
+    secret.chmod(0o600)
+    front = WebFront(web_config(srv.address, guidelines_version="g-3",
+                                auth={"mode": "header", "proxy_secret_file": str(secret)})).start()
+    browser.execute_cdp_cmd("Network.enable", {})
+    try:
+        page = Page(browser, front.base).open()
+        page.wait_shown("signin-proxy")
+        assert not page.el("signin-form").is_displayed() and not page.el("work").is_displayed()
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders",
+                                {"headers": {"X-Forwarded-User": "dana", "X-Hitl-Proxy-Secret": PROXY_SECRET}})
+        browser.refresh()
+        page.wait_text("annotator", "dana")
+        assert not page.el("signout").is_displayed() and browser.get_cookies() == []  # the proxy keeps the session
+        page.wait_text("task-id", "t1")
+        page.keys("t")
+        page.wait_shown("empty")
+        (record,) = wait_stored(url, 1)
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
+        front.stop()
+        srv.stop()
+    assert (record.task_id, record.annotator_id, record.preference.choice) == ("t1", "dana", pb.Preference.CHOICE_TIE)

@@ -1,5 +1,10 @@
 // The labeling page of `hitl label-web`: sign in, judge leased tasks with buttons or keys.
 //
+// How one signs in is the server's choice (GET /api/me says it in "auth"): "tokens" asks
+// for the annotator's personal token, "open" (loopback only) for an annotator id, and
+// "header" asks nothing (a sign-in proxy in front says who it is). The session cookie is
+// HttpOnly: this script never sees it, and never keeps the token.
+//
 // Every judgement gets its feedback_id here, once, when it is made, and goes into an
 // outbox in localStorage before it is posted. The outbox is sent in order; an item
 // leaves it only when the server answers (stored, or refused for good with a 4xx).
@@ -10,7 +15,7 @@
 "use strict";
 
 const state = {
-  me: null,          // {annotator_id, project, guidelines, guidelines_version}
+  me: null,          // {annotator_id, auth, project, guidelines, guidelines_version}
   task: null,        // the task on screen (as /api/task sends it)
   shownAt: 0,        // performance.now() when the task was shown
   choosing: null,    // {what: "correct" | "flag"} while waiting for a candidate key
@@ -125,18 +130,30 @@ async function sendAll() {
 
 // -- signing in --------------------------------------------------------------------
 
+// The sign-in form of the server's mode: a token field, an id field, or (header) no form.
 function showSignin(error = "") {
+  const mode = state.me.auth;
   $("work").hidden = true;
   $("who").hidden = true;
   $("signin").hidden = false;
+  $("signin-form").hidden = mode === "header";
+  $("signin-proxy").hidden = mode !== "header";
+  $("signin-token-row").hidden = mode !== "tokens";
+  $("signin-id-row").hidden = mode !== "open";
+  $("token").required = mode === "tokens";
+  $("annotator-id").required = mode === "open";
   $("signin-error").textContent = error;
-  $("annotator-id").focus();
+  if (mode === "tokens") $("token").focus();
+  else if (mode === "open") $("annotator-id").focus();
 }
 
 async function signIn(event) {
   event.preventDefault();
-  const id = $("annotator-id").value.trim();
-  const answer = await api("POST", "/api/signin", { annotator_id: id });
+  const body = state.me.auth === "tokens"
+    ? { token: $("token").value.trim() }
+    : { annotator_id: $("annotator-id").value.trim() };
+  const answer = await api("POST", "/api/signin", body);
+  $("token").value = "";  // the token is not kept in the page, whatever the answer
   if (answer.status !== 200) {
     $("signin-error").textContent = answer.data ? answer.data.error : `HTTP ${answer.status}`;
     return;
@@ -158,6 +175,7 @@ async function startWork() {
   $("signin").hidden = true;
   $("who").hidden = false;
   $("annotator").textContent = state.me.annotator_id;
+  $("signout").hidden = state.me.auth === "header";  // the proxy keeps that session
   $("work").hidden = false;
   blurFocus();
   await flush();  // what an earlier page left unsent goes first

@@ -37,12 +37,13 @@ Design:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -86,9 +87,6 @@ class WeightLoader:
         self.model_runner.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return len(pairs)
 
-    def hitl_parameter(self, name: str) -> torch.Tensor:
-        """One of vLLM's own parameters, as it holds it (tests compare it with what was pushed)."""
-        return dict(self.model_runner.model.named_parameters())[name].detach().cpu().clone()  # type: ignore[attr-defined]
 
 
 def materialise(model_cfg: ModelConfig) -> Path:
@@ -155,10 +153,11 @@ class VllmPolicyEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
         self.tokenizer = load_tokenizer(model_cfg)
-        self._workdir = Path(tempfile.mkdtemp(prefix="hitl-vllm-"))
+        self._workdir = Path(tempfile.mkdtemp(prefix="hitl-vllm-"))  # LoRA adapters written for vLLM to read
+        weakref.finalize(self, shutil.rmtree, self._workdir, True)  # removed with the engine, or at exit
         model_dir = materialise(model_cfg)
         self._targets, self._peft_config = meta_targets(model_dir, model_cfg, lora if self.lora else None)
-        self._eos = eos_token_ids(_GenerationConfigOf(model_dir), self.tokenizer)
+        self._eos = eos_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
         self._adapter = None  # the LoRARequest of the served version (None: the base model, version 0)
         extra = {"enable_lora": True, "max_lora_rank": max(8, lora.rank), "max_loras": 2} if self.lora else {}
         self.llm = LLM(
@@ -203,13 +202,6 @@ class VllmPolicyEngine:
     def weight_layout(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightLayout:
         """How a weight update for this policy lies in the sync group's buckets."""
         return WeightLayout.of(self._targets, bucket_bytes)
-
-    def parameter(self, name: str) -> torch.Tensor:
-        """One of vLLM's parameters as served (vLLM's own name: q/k/v fused as ``qkv_proj``)."""
-        return self.llm.collective_rpc("hitl_parameter", args=(name,))[0]
-
-    def close(self) -> None:
-        shutil.rmtree(self._workdir, ignore_errors=True)
 
     # -- prompts and sampling --------------------------------------------------------
 
@@ -336,10 +328,8 @@ class _Answer:
         self.outputs = outputs
 
 
-class _GenerationConfigOf:
-    """Stands in for a model in `eos_token_ids`: the EOS ids of a saved generation config."""
+def _generation_config(model_dir: Path):
+    """The saved generation config of the model vLLM serves (its EOS ids), or None."""
+    from transformers import GenerationConfig
 
-    def __init__(self, model_dir: Path):
-        path = model_dir / "generation_config.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        self.generation_config = type("G", (), {"eos_token_id": data.get("eos_token_id")})()
+    return GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").exists() else None

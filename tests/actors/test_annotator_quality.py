@@ -369,10 +369,6 @@ def test_a_random_annotator_is_paused_and_the_reward_model_is_better_without_it(
     """Three careful annotators (10% coin flips) and one fast one who answers every pair by coin
     flip, over real gRPC; gold pairs catch the random one, and a tiny reward model trained on the
     others' judgements (weighted by quality) beats one trained on everything on held-out pairs."""
-    import torch
-
-    from rlhf.preferences import Choice, PreferencePair
-    from rlhf.reward import RewardConfig, build_reward_model, evaluate_preferences, train_reward_model
     from services.feedback.client import FeedbackClient
     from services.feedback.simulated import AnnotatorConfig, SimulatedAnnotator
     from tests.services.feedback.conftest import running_server
@@ -399,16 +395,7 @@ def test_a_random_annotator_is_paused_and_the_reward_model_is_better_without_it(
     assert kept.counts["paused/preference"] == rows["random"]["judgements"]
     assert len(everything.items) == len(records) and len(kept.items) == len(records) - rows["random"]["judgements"]
 
-    held_out = [PreferencePair(p, a, b, Choice.A if v == "a" else Choice.B) for p, a, b, v in rule_pairs(300, seed=99)]
-    reward_cfg = RewardConfig(head_init_std=0.5, max_length=96, batch_size=16, lr=3e-3, max_epochs=10, patience=3)
-
-    def held_out_accuracy(items) -> float:
-        torch.manual_seed(0)
-        model = build_reward_model(reward_cfg, tiny_model)
-        train_reward_model(model, items)
-        return evaluate_preferences(model, held_out).accuracy
-
-    on_everything, on_the_rest = held_out_accuracy(everything.items), held_out_accuracy(kept.items)
+    on_everything, on_the_rest = held_out_accuracy(everything.items, tiny_model), held_out_accuracy(kept.items, tiny_model)
     assert on_the_rest >= 0.85 and on_the_rest >= on_everything + 0.05, (on_the_rest, on_everything)
 
 
@@ -419,10 +406,6 @@ def test_invented_annotators_who_vote_many_times_move_neither_weights_nor_the_re
     count once (the last answer), the ids earn weight 0 from the people's consensus while the
     people keep theirs (no gold needed), and a tiny reward model trained on the weighted mix
     prefers what the people prefer."""
-    import torch
-
-    from rlhf.preferences import Choice, PreferencePair
-    from rlhf.reward import RewardConfig, build_reward_model, evaluate_preferences, train_reward_model
     from services.feedback.client import FeedbackClient
     from tests.services.feedback.conftest import running_server
 
@@ -460,14 +443,21 @@ def test_invented_annotators_who_vote_many_times_move_neither_weights_nor_the_re
     assert kept.counts["superseded/preference"] == 2 * 2 * len(tasks)  # one vote per id and task
     assert kept.counts["dropped/zero_weight"] == 2 * len(tasks) and not {i.annotator_id for i in kept.items} & set(invented)
 
+    weighted, everyone = held_out_accuracy(kept.items, tiny_model), held_out_accuracy(unweighted.items, tiny_model)
+    assert weighted >= 0.85 and weighted >= everyone + 0.05, (weighted, everyone)
+
+
+def held_out_accuracy(items, tiny_model) -> float:
+    """Accuracy on 300 fresh rule pairs of a tiny reward model trained on `items` (seeded: the
+    same items give the same figure, so two trainings differ only by their data)."""
+    import torch
+
+    from rlhf.preferences import Choice, PreferencePair
+    from rlhf.reward import RewardConfig, build_reward_model, evaluate_preferences, train_reward_model
+
     held_out = [PreferencePair(p, a, b, Choice.A if v == "a" else Choice.B) for p, a, b, v in rule_pairs(300, seed=99)]
     reward_cfg = RewardConfig(head_init_std=0.5, max_length=96, batch_size=16, lr=3e-3, max_epochs=10, patience=3)
-
-    def held_out_accuracy(items) -> float:
-        torch.manual_seed(0)
-        model = build_reward_model(reward_cfg, tiny_model)
-        train_reward_model(model, items)
-        return evaluate_preferences(model, held_out).accuracy
-
-    weighted, everyone = held_out_accuracy(kept.items), held_out_accuracy(unweighted.items)
-    assert weighted >= 0.85 and weighted >= everyone + 0.05, (weighted, everyone)
+    torch.manual_seed(0)
+    model = build_reward_model(reward_cfg, tiny_model)
+    train_reward_model(model, items)
+    return evaluate_preferences(model, held_out).accuracy

@@ -17,15 +17,17 @@ Mapping (the payload's fields are typed in services/adapters/payloads.py):
 * The hitl task: `data.record.external_id` is the task id;
   `data.record.metadata.candidate_ids` lists the task's candidate ids (in the
   order of the record's response fields); `data.record.metadata.project`
-  overrides the receiver's default project; `data.record.metadata.
-  rated_candidate_id` names the candidate that ratings and corrections are
-  about (default: the first).
+  names the project (it must be one of the route's `projects`, else 403; none:
+  the route's first); `data.record.metadata.rated_candidate_id` names the
+  candidate that ratings and corrections are about (default: the first).
 * Questions (by name): `preference` (label selection: A, B, tie, both-bad) ->
   preference of the first two candidates; `ranking` (ranking over candidate
   ids) -> ranking; `rating` (aspect "overall") and `rating_<aspect>` ->
   ratings; `correction` (text) -> correction; `note` or `comments` (text) ->
   the correction's note, else record metadata. Other questions are ignored.
-* The annotator: `argilla:<data.user.username>` (or the user id).
+* The annotator: the route's `users` entry for `data.user.username` or
+  `data.user.id` (403 when neither is mapped), or `argilla:<username or id>`
+  under `map_unknown_users: prefix` (the simple command line).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 from typing import Any, Mapping
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from services.adapters.common import Judgement, PayloadError, choice_of, to_records
+from services.adapters.common import Judgement, PayloadError, Scope, choice_of, to_records
 from services.adapters.payloads import (
     ArgillaEvent,
     ArgillaResponse,
@@ -95,8 +97,9 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | No
     raise SignatureError("no valid v1 signature")
 
 
-def judgement_of(event: Any, default_project: str) -> Judgement | None:
-    """The judgement of a response event, or None for events that carry none."""
+def judgement_of(event: Any) -> Judgement | None:
+    """The judgement of a response event, or None for events that carry none; not yet scoped
+    (its project and annotator are `Scope.apply`'s to set)."""
     if not isinstance(event, dict):
         raise PayloadError("body", "must be a JSON object")
     header = parse(ArgillaEvent, event)
@@ -108,17 +111,19 @@ def judgement_of(event: Any, default_project: str) -> Judgement | None:
         parse(ArgillaStatus, event["data"], "data")
         return None
     response = parse(ArgillaResponse, event["data"], "data")
-    who = response.user.name
-    if not who:
+    user_keys = tuple(k for k in (response.user.username, response.user.id) if k)
+    if not user_keys:
         raise PayloadError("data.user.username", "is required")
     meta = response.record.metadata
     j = Judgement(
         tool="argilla",
         annotation_id=response.id,
         updated_at=response.updated_at,
-        project=meta.project or default_project,
         task_id=response.record.external_id,
-        annotator_id=f"argilla:{who}",
+        named_project=meta.project,
+        project_path="data.record.metadata.project",
+        user_keys=user_keys,
+        user_path="data.user.username",
         candidate_ids=list(meta.candidate_ids),
         rated_candidate_id=meta.rated_candidate_id,
         metadata={"argilla.record_id": "" if response.record.id is None else str(response.record.id)},
@@ -139,6 +144,7 @@ def judgement_of(event: Any, default_project: str) -> Judgement | None:
     return j
 
 
-def records_of(event: Any, default_project: str) -> list[pb.FeedbackRecord]:
-    j = judgement_of(event, default_project)
-    return [] if j is None else to_records(j)
+def records_of(event: Any, scope: Scope) -> list[pb.FeedbackRecord]:
+    """The records of an event, in `scope`'s project and annotator terms (403 when outside it)."""
+    j = judgement_of(event)
+    return [] if j is None else to_records(scope.apply(j))

@@ -1,5 +1,12 @@
 """What the tool adapters share: payload errors, the judgement a tool's
-annotation expresses, and its translation into feedback records.
+annotation expresses, the scope that gives it a project and an annotator, and
+its translation into feedback records.
+
+Who and where come from configuration, not from the payload: a payload only
+*names* a project (checked against the route's `projects`) and a tool user
+(looked up in the route's `users`). A webhook sender holds a credential for one
+route, so it can write no project and claim no annotator its route was not
+given.
 
 Idempotency: a record's `feedback_id` is derived from the tool's own
 annotation id and the annotation's update time (plus the judgement kind, as
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Literal, Mapping
 
 from hitl.feedback.v1 import feedback_pb2 as pb
 
@@ -22,16 +30,32 @@ CHOICES = {
     "tie": pb.Preference.CHOICE_TIE,
     "both-bad": pb.Preference.CHOICE_BOTH_BAD,
 }
+MAX_RECORD_BYTES = 1 << 20  # a record above this could never be forwarded in one gRPC message
 _CHOICE_ALIASES = {"response-a": "a", "candidate-a": "a", "response-b": "b", "candidate-b": "b", "neither": "both-bad", "bothbad": "both-bad"}
 
 
 class PayloadError(ValueError):
-    """A webhook body that cannot be turned into records; `field` is its JSON path."""
+    """A webhook body that cannot be turned into records; `field` is its JSON path.
+    `status` is the HTTP answer: the sender's input is wrong, so the tool should not retry."""
+
+    status = 400
 
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class ScopeError(PayloadError):
+    """A well-formed payload the route may not write: another project, an unmapped user."""
+
+    status = 403
+
+
+class RecordTooLarge(PayloadError):
+    """A record too large to forward: it would block the outbox behind it."""
+
+    status = 413
 
 
 def choice_of(label: str, where: str) -> int:
@@ -49,9 +73,13 @@ class Judgement:
     tool: str  # "argilla" | "label-studio"
     annotation_id: str  # the tool's response / annotation id
     updated_at: str  # the tool's update time of that annotation, as sent
-    project: str
     task_id: str
-    annotator_id: str
+    project: str = ""  # set by Scope.apply (the payload's choice is in named_project)
+    annotator_id: str = ""  # set by Scope.apply from user_keys
+    named_project: str | None = None  # the project the payload names, if any
+    project_path: str = "project"  # where the payload names it, for error messages
+    user_keys: tuple[str, ...] = ()  # the tool's ids of its user (preferred first: username, email)
+    user_path: str = "user"  # where the payload names the user, for error messages
     candidate_ids: list[str] = field(default_factory=list)
     rated_candidate_id: str = ""  # the candidate ratings and corrections are about
     preference: int | None = None
@@ -62,6 +90,52 @@ class Judgement:
     lead_time_seconds: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     candidates_path: str = "candidate_ids"  # where candidate ids come from, for error messages
+
+
+UnknownUsers = Literal["refuse", "prefix"]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one route may write: its projects (the first is the project of payloads naming
+    none) and who its tool users are as annotators.
+
+    `map_unknown_users="prefix"` turns an unmapped tool user into `<tool>:<user>` (the tool's
+    first id for the user: Argilla's username, Label Studio's user id or email); "refuse"
+    answers 403, so nobody labels under an id that was not given to them."""
+
+    tool: str
+    projects: tuple[str, ...]
+    users: Mapping[str, str] = field(default_factory=dict)
+    map_unknown_users: UnknownUsers = "refuse"
+    config_path: str = "routes"  # the configuration's name of this route, for messages
+
+    def __post_init__(self) -> None:
+        if not self.projects:
+            raise ValueError(f"{self.config_path}.projects: must name at least one project")
+
+    def apply(self, j: Judgement) -> Judgement:
+        """`j` with its project and annotator set; ScopeError (403) when the route may not."""
+        j.project = self.project_of(j)
+        j.annotator_id = self.annotator_of(j)
+        return j
+
+    def project_of(self, j: Judgement) -> str:
+        if j.named_project is None or j.named_project == "":
+            return self.projects[0]
+        if j.named_project not in self.projects:
+            raise ScopeError(j.project_path, f"project {j.named_project!r} is not one this route may write")
+        return j.named_project
+
+    def annotator_of(self, j: Judgement) -> str:
+        if not j.user_keys:
+            raise PayloadError(j.user_path, "must name the user")
+        for key in j.user_keys:
+            if key in self.users:
+                return self.users[key]
+        if self.map_unknown_users == "prefix":
+            return f"{j.tool}:{j.user_keys[0]}"
+        raise ScopeError(j.user_path, f"user {j.user_keys[0]!r} is not mapped to an annotator ({self.config_path}.users)")
 
 
 def feedback_id(tool: str, annotation_id: str, updated_at: str, kind: str) -> str:
@@ -80,7 +154,11 @@ def _timestamp(text: str) -> datetime | None:
 
 
 def to_records(j: Judgement) -> list[pb.FeedbackRecord]:
-    """The feedback records a judgement gives (several kinds can come from one annotation)."""
+    """The feedback records a judgement gives (several kinds can come from one annotation).
+    The judgement must have been scoped (`Scope.apply`): no record leaves without a project
+    and an annotator that configuration gave it."""
+    if not j.project or not j.annotator_id:
+        raise ValueError("to_records: the judgement has no project or annotator (Scope.apply it first)")
 
     def needs_candidates(n: int = 2) -> list[str]:
         if len(j.candidate_ids) < n or not all(isinstance(c, str) and c for c in j.candidate_ids):
@@ -123,3 +201,12 @@ def to_records(j: Judgement) -> list[pb.FeedbackRecord]:
             record.client_time.FromDatetime(moment)
         records.append(record)
     return records
+
+
+def check_record_sizes(records: list[pb.FeedbackRecord], limit: int = MAX_RECORD_BYTES) -> None:
+    """RecordTooLarge (413) for a record above `limit` bytes: checked before it is queued, as
+    a record the service refuses for its size would hold up every record behind it."""
+    for record in records:
+        size = record.ByteSize()
+        if size > limit:
+            raise RecordTooLarge("body", f"record {record.feedback_id} is {size} bytes, more than {limit}")

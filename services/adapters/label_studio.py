@@ -8,7 +8,8 @@ Mapping (the payload's fields are typed in services/adapters/payloads.py):
 
 * The hitl task: `task.data.task_id` is the task id, `task.data.candidate_ids`
   the task's candidate ids (the order the labeling config shows them in),
-  `task.data.project` overrides the receiver's default project,
+  `task.data.project` names the project (one of the route's `projects`, else
+  403; none: the route's first),
   `task.data.rated_candidate_id` the candidate that ratings and corrections
   are about (default: the first).
 * Results (by the control tag's `from_name`): `Choices name="preference"`
@@ -17,9 +18,11 @@ Mapping (the payload's fields are typed in services/adapters/payloads.py):
   ratings; `TextArea name="correction"` -> correction; `TextArea name="note"`
   -> the correction's note, else record metadata. Other results are ignored.
 * `annotation.was_cancelled` (a skipped task) gives nothing;
-  `annotation.lead_time` -> lead_time_seconds; the annotator is
-  `label-studio:<completed_by>` (the user id, or its email when Label Studio
-  sends the user as an object).
+  `annotation.lead_time` -> lead_time_seconds.
+* The annotator: the route's `users` entry for `annotation.completed_by` (the
+  user id; its email or id when Label Studio sends the user as an object),
+  403 when not mapped; or `label-studio:<completed_by>` (the email first)
+  under `map_unknown_users: prefix` (the simple command line).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from hitl.feedback.v1 import feedback_pb2 as pb
-from services.adapters.common import Judgement, PayloadError, choice_of, to_records
+from services.adapters.common import Judgement, PayloadError, Scope, choice_of, to_records
 from services.adapters.payloads import (
     ChoicesValue,
     LabelStudioAnnotationEvent,
@@ -41,7 +44,19 @@ from services.adapters.payloads import (
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 
 
-def judgement_of(payload: Any, default_project: str) -> Judgement | None:
+def user_keys_of(who: int | str | LabelStudioUser) -> tuple[str, ...]:
+    """The ids a `users` mapping may list for `completed_by`: its email first, then its id."""
+    if isinstance(who, LabelStudioUser):
+        keys = tuple(str(k) for k in (who.email, who.id) if k is not None and k != "")
+        if not keys:
+            raise PayloadError("annotation.completed_by", "must name the user (id or email)")
+        return keys
+    return (str(who),)
+
+
+def judgement_of(payload: Any) -> Judgement | None:
+    """The judgement of an annotation event, or None for events that carry none; not yet
+    scoped (its project and annotator are `Scope.apply`'s to set)."""
     if not isinstance(payload, dict):
         raise PayloadError("body", "must be a JSON object")
     if parse(LabelStudioEvent, payload).action not in ANNOTATION_EVENTS:
@@ -50,18 +65,15 @@ def judgement_of(payload: Any, default_project: str) -> Judgement | None:
     annotation, data = event.annotation, event.task.data
     if annotation.was_cancelled:  # a skipped task
         return None
-    who = annotation.completed_by
-    if isinstance(who, LabelStudioUser):
-        who = who.email or who.id
-        if who is None:
-            raise PayloadError("annotation.completed_by", "must name the user (id or email)")
     j = Judgement(
         tool="label-studio",
         annotation_id=str(annotation.id),
         updated_at=annotation.updated_at,
-        project=data.project or default_project,
         task_id=data.task_id,
-        annotator_id=f"label-studio:{who}",
+        named_project=data.project,
+        project_path="task.data.project",
+        user_keys=user_keys_of(annotation.completed_by),
+        user_path="annotation.completed_by",
         candidate_ids=[str(c) for c in data.candidate_ids],
         rated_candidate_id=data.rated_candidate_id,
         lead_time_seconds=None if annotation.lead_time is None else float(annotation.lead_time),
@@ -85,6 +97,7 @@ def judgement_of(payload: Any, default_project: str) -> Judgement | None:
     return j
 
 
-def records_of(payload: Any, default_project: str) -> list[pb.FeedbackRecord]:
-    j = judgement_of(payload, default_project)
-    return [] if j is None else to_records(j)
+def records_of(payload: Any, scope: Scope) -> list[pb.FeedbackRecord]:
+    """The records of a payload, in `scope`'s project and annotator terms (403 when outside it)."""
+    j = judgement_of(payload)
+    return [] if j is None else to_records(scope.apply(j))

@@ -60,6 +60,10 @@ class FeedbackServiceConfig(BaseModel):
     `max_streams` overrides it."""
     max_streams_per_connection: int = Field(100, ge=1)
     """Concurrent calls on one HTTP/2 connection (its MAX_CONCURRENT_STREAMS)."""
+    max_bytes_per_second_per_principal: int = Field(64 * 1024 * 1024, ge=1024)
+    """Average request bytes per second one token may send (a token bucket, bursts up to
+    `max_message_bytes` x 4): a unary call over it gets RESOURCE_EXHAUSTED with
+    `retry-after-ms`, a stream over it is read more slowly."""
     max_leases_per_principal: int = Field(1000, ge=1)
     """Unexpired task leases one token may hold at once (answered or not); a token's
     `max_leases` overrides it. Keeps one credential from leasing every open task."""

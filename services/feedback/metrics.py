@@ -20,9 +20,10 @@ class FeedbackMetrics:
     commit_seconds: Histogram  # one store transaction (group commit)
     commit_records: Histogram  # records per store transaction
     ack_seconds: Histogram  # labels: rpc; from receiving a batch to its result
-    refused: Counter  # labels: rpc, reason (overloaded|closed|store); calls answered "retry later"
+    refused: Counter  # labels: reason (overloaded|closed|store|byte_budget); calls answered "retry later"
     followers: Gauge  # PullTasks calls with follow=true waiting for new tasks
     store_up: Gauge  # 1 while the store's database answers the health check, else 0
+    throttled_seconds: Counter  # seconds streams were held back by their principal's byte budget
 
     @classmethod
     def create(cls) -> "FeedbackMetrics":
@@ -63,6 +64,11 @@ class FeedbackMetrics:
             followers=Gauge(
                 "hitl_feedback_pull_followers",
                 "PullTasks calls with follow=true that are open",
+                registry=registry,
+            ),
+            throttled_seconds=Counter(
+                "hitl_feedback_throttled_seconds",
+                "Seconds streams were held back by their token's byte budget",
                 registry=registry,
             ),
             store_up=Gauge(

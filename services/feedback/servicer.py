@@ -25,6 +25,7 @@ from hitl.feedback.v1 import feedback_pb2 as pb
 from hitl.feedback.v1 import feedback_pb2_grpc as pb_grpc
 
 from services.feedback.auth import ANONYMOUS, Principal, TokenAuth
+from services.feedback.budget import ByteBudget
 from services.feedback.committer import CommitterClosed, GroupCommitter, Overloaded
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.metrics import FeedbackMetrics
@@ -177,6 +178,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         self._stopping = asyncio.Event()
         self._streams: Counter[str] = Counter()  # open StreamFeedback / following PullTasks calls per principal
         self._leases: dict[str, list[float]] = {}  # per principal: a heap of its granted leases' expiry times
+        self._bytes = ByteBudget(cfg.max_bytes_per_second_per_principal, 4 * cfg.max_message_bytes)
 
     def begin_shutdown(self) -> None:
         """Following PullTasks streams end; calls in progress finish."""
@@ -287,6 +289,14 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         principal = await self._principal(context)
         if type(request) is Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.describe()}")
+        size = len(request.data) if type(request) is WireRequest else request.ByteSize()
+        wait = self._bytes.take(principal.name, size)
+        if wait > 0:
+            self._bytes.refund(principal.name, size)
+            self._metrics.refused.labels("byte_budget").inc()
+            context.set_trailing_metadata((("retry-after-ms", str(max(1, int(wait * 1000)))),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"token {principal.name!r} is over its byte budget ({self._cfg.max_bytes_per_second_per_principal} bytes/s); retry later")
         await self._check_scope(context, principal, {r.project for r in request.records})
         await self._check_annotators(context, principal, {r.annotator_id for r in request.records})
         await self._check_batch_size(context, len(request.records))
@@ -353,6 +363,10 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     after = "the stream's first batch" if last is None else f"the batch after sequence {last}"
                     await inflight.put((grpc.StatusCode.INVALID_ARGUMENT, f"{after}: {batch.describe()}; it and what follows were not read: resend from it"))
                     return
+                wait = self._bytes.take(principal.name, len(batch.data) if type(batch) is WireRequest else batch.ByteSize())
+                if wait > 0:  # over budget: read this stream more slowly (flow control tells the sender)
+                    self._metrics.throttled_seconds.inc(wait)
+                    await asyncio.sleep(wait)
                 if last is not None and batch.sequence <= last:
                     await inflight.put((grpc.StatusCode.INVALID_ARGUMENT, f"batch sequence {batch.sequence} does not increase (last was {last})"))
                     return

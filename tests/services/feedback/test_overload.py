@@ -91,3 +91,41 @@ def test_stream_waits_instead_of_failing(tmp_path):
             t.join(30)
         report = done["r"]
         assert report.count(pb.RecordResult.STATUS_ACCEPTED) == 40 and report.reconnects == 0
+
+
+def test_byte_budget_refills_at_its_rate_and_bursts_to_its_cap():
+    from services.feedback.budget import ByteBudget
+
+    now = [0.0]
+    budget = ByteBudget(rate=100, burst=300, clock=lambda: now[0])
+    assert budget.take("a", 300) == 0.0  # the whole burst
+    assert budget.take("a", 50) == 0.5  # 50 bytes short at 100 bytes/s
+    assert budget.take("b", 300) == 0.0  # another principal has its own bucket
+    now[0] = 10.0
+    assert budget.take("a", 300) == 0.0  # refilled, but never past the burst
+    assert budget.take("a", 1) > 0
+
+
+def test_a_token_over_its_byte_budget_is_told_to_retry_and_its_stream_is_slowed(tmp_path):
+    """Per principal: unary calls over the budget get RESOURCE_EXHAUSTED with a retry hint
+    (the client waits and succeeds), a stream is read more slowly; nothing is lost."""
+    with running_server(f"sqlite:///{tmp_path / 'f.db'}", max_message_bytes=1024, max_bytes_per_second_per_principal=2048,
+                        metrics_port=None) as srv:
+        srv.server.store.add_tasks([make_task()])
+        stub = pb_grpc.FeedbackServiceStub(grpc.insecure_channel(srv.address))
+        refused = None
+        for i in range(20):  # ~4 KiB burst, then refused
+            try:
+                stub.SubmitFeedback(pb.SubmitFeedbackRequest(records=[preference(f"u{i}", metadata={"pad": "x" * 600})]), timeout=10)
+            except grpc.RpcError as err:
+                refused = err
+                break
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "byte budget" in refused.details() and retry_hint_s(refused) > 0
+        assert metric(srv, "hitl_feedback_refused_total", reason="byte_budget") == 1
+        with FeedbackClient(srv.address, batch_size=2) as client:
+            assert all(r.status == pb.RecordResult.STATUS_ACCEPTED for r in client.submit([preference(f"r{i}", metadata={"pad": "y" * 300}) for i in range(6)]))
+            report = client.stream([preference(f"s{i}", metadata={"pad": "z" * 300}) for i in range(30)])
+        assert report.count(pb.RecordResult.STATUS_ACCEPTED) == 30 and report.reconnects == 0
+        assert metric(srv, "hitl_feedback_throttled_seconds_total") > 0  # held back, not refused
+        assert srv.server.store.watermark() == i + 6 + 30

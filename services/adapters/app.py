@@ -87,6 +87,8 @@ def records_of_body(body: bytes, route: Route, mapper: Mapper) -> list[pb.Feedba
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PayloadError("body", f"not JSON ({err})") from None
+    except RecursionError:  # json.loads recurses once per level of nesting
+        raise PayloadError("body", "nested too deeply") from None
     records = mapper(payload, route.scope)
     check_record_sizes(records)
     return records
@@ -98,8 +100,13 @@ async def handle(request: web.Request, tool: str) -> web.Response:
     if route is None:
         return _error(404, "route", settings.disabled_reason(tool))
     mapper, authenticate = TOOLS[tool]
+    if route.secret is not None and tool == "label-studio":  # its credential is a header: check it before reading the body
+        try:
+            authenticate(route.secret, request.headers, b"", settings)
+        except Unauthorized as err:
+            return _error(401, err.field, err.reason)
     body = await request.read()
-    if route.secret is not None:
+    if route.secret is not None and tool != "label-studio":  # a signature over the body
         try:
             authenticate(route.secret, request.headers, body, settings)
         except Unauthorized as err:

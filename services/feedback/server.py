@@ -29,7 +29,7 @@ from services.feedback.auth import TokenAuth
 from services.feedback.committer import GroupCommitter
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.metrics import FeedbackMetrics
-from services.feedback.servicer import FeedbackServicer, wire_request_parser
+from services.feedback.servicer import FeedbackServicer, request_parser, wire_request_parser
 from services.feedback.store import FeedbackStore, open_store
 
 log = logging.getLogger(__name__)
@@ -246,12 +246,12 @@ def _add_servicer(servicer: FeedbackServicer, server: grpc.aio.Server) -> None:
         ),
         "PullTasks": grpc.unary_stream_rpc_method_handler(
             servicer.PullTasks,
-            request_deserializer=pb.PullTasksRequest.FromString,
+            request_deserializer=request_parser(pb.PullTasksRequest),
             response_serializer=pb.LabelingTask.SerializeToString,
         ),
         "GetStats": grpc.unary_unary_rpc_method_handler(
             servicer.GetStats,
-            request_deserializer=pb.GetStatsRequest.FromString,
+            request_deserializer=request_parser(pb.GetStatsRequest),
             response_serializer=pb.Stats.SerializeToString,
         ),
     }

@@ -113,6 +113,21 @@ class Malformed:
         return f"{self.size} bytes that do not parse as {self.type_name} ({type(self.error).__name__}: {self.error})"
 
 
+def request_parser(message_type):
+    """A request deserializer that answers a `Malformed` for bytes that do not parse (gRPC's own
+    handling of a raising deserializer answers UNKNOWN)."""
+    parse = message_type.FromString
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as err:
+            return Malformed(name, err, len(data))
+
+    return deserialize
+
+
 def wire_request_parser(message_type):
     """A request deserializer that keeps the request's bytes next to the parsed message
     (a `Malformed` for bytes that do not parse)."""
@@ -178,6 +193,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         self._stopping = asyncio.Event()
         self._streams: Counter[str] = Counter()  # open StreamFeedback / following PullTasks calls per principal
         self._leases: dict[str, list[float]] = {}  # per principal: a heap of its granted leases' expiry times
+        self._leasing: Counter[str] = Counter()  # per principal: leases asked of the store and not yet granted
         self._bytes = ByteBudget(cfg.max_bytes_per_second_per_principal, 4 * cfg.max_message_bytes)
 
     def begin_shutdown(self) -> None:
@@ -220,13 +236,27 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 del self._streams[principal.name]
 
     def _lease_room(self, principal: Principal, now: float) -> int:
-        """How many more leases the principal may hold now (granted leases count until they expire)."""
+        """How many more leases the principal may hold now: granted leases count until they
+        expire, and leases being asked for now (reserved, `_reserve_leases`) count too."""
         held = self._leases.setdefault(principal.name, [])
         while held and held[0] <= now:
             heapq.heappop(held)
         if not held:
             del self._leases[principal.name]
-        return (principal.max_leases or self._cfg.max_leases_per_principal) - len(held)
+        limit = principal.max_leases or self._cfg.max_leases_per_principal
+        return limit - len(held) - self._leasing[principal.name]
+
+    @contextlib.contextmanager
+    def _reserve_leases(self, principal: Principal, n: int):
+        """Hold `n` of the principal's lease room while the store leases (concurrent pulls of
+        one token cannot each see the same room); what was granted is counted afterwards."""
+        self._leasing[principal.name] += n
+        try:
+            yield
+        finally:
+            self._leasing[principal.name] -= n
+            if not self._leasing[principal.name]:
+                del self._leasing[principal.name]
 
     def _count_leases(self, principal: Principal, expiries: Iterable[float]) -> None:
         held = self._leases.setdefault(principal.name, [])
@@ -422,6 +452,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
 
     async def PullTasks(self, request: pb.PullTasksRequest, context) -> AsyncIterator[pb.LabelingTask]:
         principal = await self._principal(context)
+        if type(request) is Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.describe()}")
         if not request.project:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project: required")
         if not request.annotator_id:
@@ -459,15 +491,17 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"token {principal.name!r} holds the most unexpired leases it may (max_leases); answer tasks or let leases run out",
                 )
+            asked = min(wanted - sent, room)
             try:
-                leased = await loop.run_in_executor(
-                    self._writer, self._store.lease_tasks, request.project, request.annotator_id, min(wanted - sent, room), lease
-                )
+                with self._reserve_leases(principal, asked):
+                    leased = await loop.run_in_executor(
+                        self._writer, self._store.lease_tasks, request.project, request.annotator_id, asked, lease
+                    )
+                    self._count_leases(principal, (item.lease_expires_at for item in leased))
             except Exception as err:  # noqa: BLE001 - the store is down or stumbled: nothing was leased
                 log.warning("lease failed: %s", err)
                 context.set_trailing_metadata((("retry-after-ms", "1000"),))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {type(err).__name__}; retry")
-            self._count_leases(principal, (item.lease_expires_at for item in leased))
             for item in leased:
                 msg = item.task.to_proto()
                 msg.lease_expires_at.CopyFrom(_timestamp(item.lease_expires_at))
@@ -487,6 +521,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.Stats:
         principal = await self._principal(context)
+        if type(request) is Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.describe()}")
         if "\x00" in request.project:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project: no NUL characters")
         if request.project:

@@ -133,20 +133,36 @@ async def _refusals(request: web.Request, handler) -> web.StreamResponse:
 # -- bodies ---------------------------------------------------------------------------
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_SPECIAL = re.compile(rb'[\[\]{}"\\]')
 
 
 def nests_deeper_than(body: bytes, limit: int) -> bool:
     """Whether arrays and objects nest deeper than `limit`, found without parsing: json.loads
-    recurses once per level (RecursionError on `[` * 100000). Brackets inside strings do not count."""
+    recurses once per level (RecursionError on `[` * 100000). Brackets inside strings do not count.
+
+    One pass over the bytes that matter (brackets, quotes, backslashes), so linear in the body
+    whatever it holds: a regular expression for strings backtracks on a string left open."""
     if body.count(b"[") + body.count(b"{") <= limit:
         return False  # too few brackets to nest that deep: nothing to scan
-    depth = 0
-    for byte in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
-        depth += 1 if byte in b"[{" else -1
-        if depth > limit:
-            return True
+    depth, in_string, escaped = 0, False, -1
+    for match in _SPECIAL.finditer(body):
+        at = match.start()
+        if at == escaped:
+            continue
+        byte = body[at]
+        if in_string:
+            if byte == 0x5C:  # a backslash escapes the next byte
+                escaped = at + 1
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
     return False
 
 

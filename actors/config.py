@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rlhf.config import RLHFConfig
 from rlhf.curation.config import CurationConfig
 from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
+from rlhf.po.config import POConfig
 from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
 from rlhf.quality import AnnotatorQualityConfig
 from rlhf.reward.config import RewardConfig
@@ -204,6 +205,7 @@ class TrainerSpec(BaseModel):
     ppo: PPOConfig
     deepspeed: DeepSpeedConfig
     sft: SFTConfig
+    po: POConfig = POConfig()
     group: TrainerGroupConfig
 
 
@@ -224,7 +226,7 @@ class RunConfig(RLHFConfig):
 
     def trainer_spec(self) -> TrainerSpec:
         return TrainerSpec(model=self.model, lora=self.lora, critic=self.critic, ppo=self.ppo, deepspeed=self.deepspeed,
-                           sft=self.sft, group=self.cluster.trainer, simulate_gpus=self.cluster.simulate_gpus)
+                           sft=self.sft, po=self.po, group=self.cluster.trainer, simulate_gpus=self.cluster.simulate_gpus)
 
     @model_validator(mode="after")
     def _check_run(self) -> "RunConfig":

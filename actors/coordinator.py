@@ -70,7 +70,7 @@ class RoundReport:
     watermark_to: int
     feedback: dict[str, int]
     reward_model: dict[str, Any]
-    ppo: list[dict[str, float]]
+    ppo: list[dict[str, Any]]  # PPO: one dict of metrics per iteration; DPO/IPO/KTO: one report
     reward: float | None  # mean reward-model score of the round's last PPO rollouts
     kl: float | None  # KL to the reference of those rollouts (per sequence)
     win_rate: float  # final policy vs the initial one on held-out prompts, by the rule without noise
@@ -359,7 +359,7 @@ class Coordinator:
         elif rm_report.get("forgotten_flagged"):
             self.state.reward_model = forget_in_reward_model(self.state.reward_model, rm_report["forgotten_flagged"])
         sft_report = stage("sft", self.sft, curated.demonstrations)
-        ppo = stage("ppo", self.ppo_iterations, r, rm_report)
+        ppo = stage("ppo", self.policy_update, r, rm_report, curated)
         stage("push_weights", self.push_weights)
         lineage = self._write_lineage(r, parent_version, records, curated, rm_report, sft_report, ppo)
         served_at = self._first_answer_at(self.state.policy_version)
@@ -488,6 +488,29 @@ class Coordinator:
             forgotten = self.reward_model.forget(curated.flagged) if curated.flagged else 0
             return {"skipped": "no usable records", "forgotten_flagged": forgotten}
         return self.reward_model.train(curated.items, curated.flagged)
+
+    def policy_update(self, r: int, rm_report: dict | None, curated: Curated) -> list[dict[str, Any]]:
+        """The round's policy update: PPO iterations on rollouts, or DPO/IPO/KTO on the round's
+        judgements (`ppo.algorithm`)."""
+        if self.cfg.ppo.algorithm == "ppo":
+            return self.ppo_iterations(r, rm_report)
+        return self.preference_optimisation(curated)
+
+    def preference_optimisation(self, curated: Curated) -> list[dict[str, Any]]:
+        """DPO/IPO on the round's ordered pairs, KTO on its single judged answers (each pair's two,
+        both-bad ones, corrections); nothing when the round has none. Not gated on the reward
+        model: these losses do not use it."""
+        from rlhf.po import kto_examples_from, pairs_from
+
+        algorithm = self.cfg.ppo.algorithm
+        examples = kto_examples_from(curated.items, curated.demonstrations) if algorithm == "kto" else pairs_from(curated.items)
+        if not examples:
+            self.progress.update(ppo=f"{algorithm} skipped (no usable judgements)")
+            return []
+        self.progress.update(ppo=f"{algorithm} on {len(examples)}")
+        report = self.trainers.preference_optimisation(examples)
+        return [{"algorithm": algorithm, **{k: v for k, v in report.items() if k not in ("loss", "epoch_loss")},
+                 "epoch_loss": report["epoch_loss"]}]
 
     def ppo_iterations(self, r: int, rm_report: dict | None = None) -> list[dict[str, float]]:
         """The round's PPO iterations; none while the reward model's held-out accuracy is under

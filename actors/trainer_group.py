@@ -83,6 +83,7 @@ class PPOWorker:
         self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic, rollout_fn=rollout_fn,
                                   reference=reference)
         self.sft_cfg = cfg.sft
+        self.po_cfg = cfg.po
         self.sync = None
         return self.rank
 
@@ -115,6 +116,14 @@ class PPOWorker:
         from rlhf.sft import run_sft
 
         return asdict(run_sft(self.trainer, demonstrations, self.sft_cfg))
+
+    def preference_optimisation(self, examples: list) -> dict[str, Any]:
+        """DPO, IPO or KTO (`po.loss`) on this rank's engine (collective: every rank gets the same list)."""
+        from dataclasses import asdict
+
+        from rlhf.po import run_preference_optimisation
+
+        return asdict(run_preference_optimisation(self.trainer, examples, self.po_cfg))
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         return self.trainer.step(prompts)
@@ -220,6 +229,10 @@ class PPOTrainerGroup:
     def sft(self, demonstrations: list) -> dict[str, Any]:
         """Supervised fine-tuning on demonstrations on every rank's engine; rank 0's report."""
         return self._all([w.sft.remote(demonstrations) for w in self.workers])[0]
+
+    def preference_optimisation(self, examples: list) -> dict[str, Any]:
+        """DPO, IPO or KTO on every rank's engine; rank 0's report."""
+        return self._all([w.preference_optimisation.remote(examples) for w in self.workers])[0]
 
     def save_checkpoint(self, storage, rel: str) -> None:
         self._all([w.save_checkpoint.remote(storage, rel) for w in self.workers])

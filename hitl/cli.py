@@ -1,6 +1,7 @@
 """The `hitl` command, assembled from the command modules that live beside what they drive.
 
     hitl run CONFIG | --resume RUN_DIR           actors/command.py
+    hitl train dpo|ipo|kto --config C ...       actors/train_command.py
     hitl annotators [--store URL] ...            actors/command.py
     hitl feedback serve|submit|tasks|export|import|stats   services/feedback/command.py
     hitl adapters serve ...                      services/adapters/command.py
@@ -18,6 +19,7 @@ import logging
 import click
 
 from actors.command import annotators, run
+from actors.train_command import train
 from services.adapters.command import adapters
 from services.feedback.command import feedback
 from services.generation.command import generation
@@ -35,7 +37,7 @@ def main(verbose: bool) -> None:
     )
 
 
-for command in (run, annotators, feedback, adapters, generation, label, label_web):
+for command in (run, train, annotators, feedback, adapters, generation, label, label_web):
     main.add_command(command)
 
 

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
+from rlhf.po.config import POConfig
 from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
 from rlhf.reward.config import RewardConfig
 from rlhf.sft.config import SFTConfig
@@ -117,8 +118,21 @@ class RLHFConfig(BaseModel):
     sft: SFTConfig = SFTConfig()
     """Supervised fine-tuning on human corrections before each round's PPO (off by default)."""
 
+    po: POConfig = POConfig()
+    """Preference optimisation (DPO, IPO, KTO) when ``ppo.algorithm`` names one; its loss is the
+    algorithm's."""
+
     data: DataConfig = DataConfig()
     """Prompt sources, splits and length bounds."""
+
+    @model_validator(mode="after")
+    def _po_loss_is_the_algorithm(self) -> RLHFConfig:
+        algorithm = self.ppo.algorithm
+        if "loss" in self.po.model_fields_set and algorithm != "ppo" and self.po.loss != algorithm:
+            raise ValueError(f"po.loss: {self.po.loss!r} contradicts ppo.algorithm {algorithm!r} (set the algorithm only)")
+        if algorithm != "ppo" and self.po.loss != algorithm:
+            object.__setattr__(self, "po", self.po.model_copy(update={"loss": algorithm}))
+        return self
 
     @model_validator(mode="after")
     def _check_lengths(self) -> RLHFConfig:

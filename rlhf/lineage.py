@@ -105,7 +105,7 @@ def policy_lineage(
     reward_model: Mapping[str, Any],
     reward_report: Mapping[str, Any],
     sft_report: Mapping[str, Any],
-    ppo_metrics: Sequence[Mapping[str, float]],
+    ppo_metrics: Sequence[Mapping[str, Any]],
     train_prompts: Sequence[str],
 ) -> dict[str, Any]:
     """The lineage record of one policy version (see the module docstring)."""
@@ -136,6 +136,7 @@ def policy_lineage(
             "report": dict(sft_report),
         },
         "ppo": {
+            "algorithm": cfg.ppo.algorithm,
             "seed": cfg.ppo.seed,
             "iterations": len(ppo_metrics),
             "trainer_iterations": [min(iterations), max(iterations)] if iterations else None,
@@ -145,6 +146,8 @@ def policy_lineage(
             "lora": cfg.lora.model_dump(mode="json"),
             "critic": cfg.critic.model_dump(mode="json"),
             "workers": cfg.cluster.trainer.workers,
+            **({"po": {"settings": cfg.po.model_dump(mode="json"), "report": dict(ppo_metrics[0]) if ppo_metrics else None}}
+               if cfg.ppo.algorithm != "ppo" else {}),
         },
         "prompts": {
             "validation_fraction": cfg.data.validation_fraction,

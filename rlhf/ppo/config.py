@@ -17,12 +17,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AdvantageEstimatorName = Literal["gae", "grpo", "rloo"]
+AlgorithmName = Literal["ppo", "dpo", "ipo", "kto"]
 
 
 class PPOConfig(BaseModel):
     """Settings of one PPO-family trainer (PPO with GAE, GRPO, RLOO)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: AlgorithmName = "ppo"
+    """How the policy learns each round: ``ppo`` (the PPO family, by ``advantage_estimator``: on
+    rollouts scored by the reward model), or ``dpo``, ``ipo``, ``kto`` (on the round's judged
+    pairs, and for ``kto`` single judgements, directly: no rollouts, no reward model in the
+    update; settings in the ``po`` section, ``rlhf/po/``)."""
 
     advantage_estimator: AdvantageEstimatorName = "gae"
     """Advantage estimator, by registered name: ``gae`` (PPO with a critic), ``grpo``
@@ -159,8 +166,8 @@ class PPOConfig(BaseModel):
 
     @property
     def uses_critic(self) -> bool:
-        """Whether the estimator needs a value function."""
-        return self.advantage_estimator == "gae"
+        """Whether the estimator needs a value function (PPO with GAE; never the offline losses)."""
+        return self.algorithm == "ppo" and self.advantage_estimator == "gae"
 
 
 class DeepSpeedConfig(BaseModel):

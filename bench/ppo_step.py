@@ -27,6 +27,13 @@ by timing its own methods (``_generate_single_turn``, ``_calculate_rewards``, an
 calls of ``_get_per_token_logps_and_entropies``); the rest of its step counts as update. The
 last printed line is one JSON object; ``vs_trl`` compares ``hitl grpo`` with ``trl grpo`` on
 SmolLM2-135M + LoRA (the tiny model's numbers are also in the JSON).
+
+DPO rows (before each model's PPO rows; ``--only-dpo`` for them alone): ``hitl dpo`` is one
+optimiser step of ``rlhf.po`` on the batch of pairs (policy and reference log-probs of the
+chosen and rejected answers, the loss, backward, step), ``trl dpo`` one step of TRL's
+DPOTrainer on the same pairs, model, LoRA settings and learning rate, reference log-probs
+computed in the step on both sides; interleaved the same way. ``dpo_vs_trl`` in the JSON
+compares them on the main model.
 """
 
 from __future__ import annotations
@@ -258,6 +265,99 @@ def run_trl_interleaved(setup: Setup, reward_model, warmup: int, iters: int, oth
     return result
 
 
+# --------------------------------------------------------------------------- DPO
+def dpo_pairs(setup: Setup) -> list[tuple[str, str, str]]:
+    """(question, chosen, rejected): `setup.prompts * setup.group` pairs whose answers are
+    `setup.new_tokens` tokens each (a repeated one-token word), the same for both systems."""
+    n = setup.prompts * setup.group
+    return [(QUESTIONS[i % len(QUESTIONS)], " yes" * setup.new_tokens, " no" * setup.new_tokens) for i in range(n)]
+
+
+class HitlDPO:
+    """One DPO optimiser step on the whole batch: ``rlhf.po`` on PPO's engine (policy and
+    reference forwards of the chosen and rejected rows, the backward, the step)."""
+
+    def __init__(self, setup: Setup, threads: int) -> None:
+        from rlhf.po import PairExample, POConfig
+        from rlhf.ppo.trainer import PPOTrainer
+
+        self.setup, self.threads = setup, threads
+        policy, tokenizer = load_policy(setup.model, setup.lora)
+        self.trainer = PPOTrainer(policy, tokenizer, lambda p, r: None, PPOConfig(algorithm="dpo", seed=0),
+                                  DeepSpeedConfig(zero_stage=0))
+        self.examples = [PairExample(q, c, r) for q, c, r in dpo_pairs(setup)]
+        self.cfg = POConfig(loss="dpo", beta=0.1, lr=setup.lr, batch_size=len(self.examples), max_prompt_tokens=512,
+                            max_response_tokens=setup.new_tokens + 1)
+        self.result = Result("hitl dpo")
+        self.done = 0
+
+    def iteration(self, measured: bool) -> None:
+        from rlhf.po.trainer import _train_minibatch
+        from rlhf.sft.trainer import _learning_rate
+
+        torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        self.trainer.policy_engine.train()
+        with _learning_rate(self.trainer.policy_engine, self.cfg.lr):
+            _train_minibatch(self.trainer, self.examples, self.cfg)
+        total = time.perf_counter() - start
+        print(f"  hitl dpo iteration {self.done}: {total:.2f}s", file=sys.stderr, flush=True)
+        self.done += 1
+        if measured:
+            self.result.add(total, {"update": total})
+
+
+def run_trl_dpo_interleaved(setup: Setup, warmup: int, iters: int, other: HitlDPO, threads: int) -> Result:
+    """TRL's DPOTrainer on the same pairs (one step = the whole batch, reference log-probs
+    computed in the step, as hitl does), after each of its steps one hitl DPO step."""
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    policy, tokenizer = load_policy(setup.model.model_copy(update={"onednn_linear": False}), None)
+    model_init_kwargs = None
+    if not setup.lora.enabled:
+        path = tempfile.mkdtemp(prefix="trl-bench-model-")
+        policy.save_pretrained(path)
+        policy, model_init_kwargs = path, {"dtype": torch.float32}
+    pairs = dpo_pairs(setup)
+    # the prompt as hitl's batches write it: the chat template with the assistant turn opened
+    rows = [{"prompt": chat_prompts(tokenizer, 1)[0].replace(QUESTIONS[0], q), "chosen": c, "rejected": r} for q, c, r in pairs]
+    dataset = Dataset.from_list(rows * (warmup + iters + 2))
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=len(pairs), beta=0.1,
+        loss_type=["sigmoid"], learning_rate=setup.lr, gradient_accumulation_steps=1, max_steps=warmup + iters,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+        dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, disable_tqdm=True,
+        precompute_ref_log_probs=False, model_init_kwargs=model_init_kwargs,
+    )
+    peft_config = None
+    if setup.lora.enabled:
+        peft_config = PeftLoraConfig(r=setup.lora.rank, lora_alpha=setup.lora.alpha, lora_dropout=setup.lora.dropout,
+                                     target_modules=list(setup.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    result = Result("trl dpo")
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.set_num_threads(threads)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            total = time.perf_counter() - self.start
+            print(f"  trl dpo iteration {state.global_step - 1}: {total:.2f}s", file=sys.stderr, flush=True)
+            measured = state.global_step > warmup
+            if measured:
+                result.add(total, {"update": total})
+            other.iteration(measured)
+            torch.set_num_threads(threads)
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return result
+
+
 # --------------------------------------------------------------------------- floor
 def matmul_floor(setup: Setup, reps: int = 3) -> dict[str, float]:
     """Seconds of the dense weight matmuls that each stage of one iteration cannot avoid at
@@ -349,6 +449,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations and samples (under 5 minutes)")
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both sides); 1 is steadier on a shared CPU")
+    ap.add_argument("--only-dpo", action="store_true", help="the DPO rows only (skip the PPO-family ones)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warmup, iters = (1, 3) if args.quick else (1, 5)
@@ -363,6 +464,21 @@ def main() -> None:
     summary: dict[str, float | str] = {}
     printed: list[str] = []
     for setup in setups:
+        samples = setup.prompts * setup.group
+        key = "tiny" if setup.model.source == "tiny" else "smollm2_lora"
+        dpo = HitlDPO(setup, args.threads)
+        trl_dpo = run_trl_dpo_interleaved(setup, warmup, iters, dpo, args.threads)
+        lines = [f"\n== {setup.name}: DPO, one step on {samples} pairs of {setup.new_tokens}-token answers, best of "
+                 f"{len(trl_dpo.iteration_s)} interleaved steps ==",
+                 f"{'system':<11} {'step s':>8} {'pairs/s':>10} {'median s':>9}"]
+        lines += [f"{r.system:<11} {r.best():8.2f} {samples / r.best():10.2f} {r.median():9.2f}" for r in (dpo.result, trl_dpo)]
+        printed += lines
+        print("\n".join(lines), flush=True)
+        summary[f"{key}_dpo_pairs_per_s"] = samples / dpo.result.best()
+        summary[f"{key}_trl_dpo_pairs_per_s"] = samples / trl_dpo.best()
+        summary[f"{key}_dpo_vs_trl"] = trl_dpo.best() / dpo.result.best()
+        if args.only_dpo:
+            continue
         # a random (untrained) head: scores vary across responses, so advantages are not all zero
         reward_model = build_reward_model(RewardConfig(head_init_std=0.05), setup.model)
         runs = [HitlRun(setup, "grpo", reward_model, args.threads), HitlRun(setup, "gae", reward_model, args.threads)]
@@ -371,8 +487,6 @@ def main() -> None:
         lines = table(setup, [hitl_grpo, hitl_ppo, trl])
         printed += lines
         print("\n".join(lines), flush=True)
-        samples = setup.prompts * setup.group
-        key = "tiny" if setup.model.source == "tiny" else "smollm2_lora"
         summary[f"{key}_samples_per_s"] = samples / hitl_grpo.best()
         summary[f"{key}_ppo_samples_per_s"] = samples / hitl_ppo.best()
         summary[f"{key}_trl_samples_per_s"] = samples / trl.best()
@@ -398,9 +512,10 @@ def main() -> None:
             summary[f"{key}_max_vs_trl"] = trl.best() / total
     main_key = "smollm2_lora" if not args.skip_smollm2 else "tiny"
     summary = {
-        "samples_per_s": summary[f"{main_key}_samples_per_s"],
-        "trl_samples_per_s": summary[f"{main_key}_trl_samples_per_s"],
-        "vs_trl": summary[f"{main_key}_vs_trl"],
+        **({} if args.only_dpo else {"samples_per_s": summary[f"{main_key}_samples_per_s"],
+                                     "trl_samples_per_s": summary[f"{main_key}_trl_samples_per_s"],
+                                     "vs_trl": summary[f"{main_key}_vs_trl"]}),
+        "dpo_vs_trl": summary[f"{main_key}_dpo_vs_trl"],
         "model": main_key,
         **summary,
     }

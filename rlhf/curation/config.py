@@ -1,9 +1,13 @@
-"""The `curation` section of the run config: duplicates, guideline versions.
+"""The `curation` section of the run config: duplicates, guideline versions, ratings.
 
     curation:
       dedup: true                      # exact and near duplicates out, this round and earlier ones
       near_duplicate_threshold: 0.8    # estimated Jaccard of word shingles
       min_guidelines_version: "2"      # judgements under older guidelines are set aside
+      ratings:                         # ratings become preference pairs (rlhf/curation/ratings.py)
+        pair_on: overall               # or each_aspect: one pair per aspect on which two answers differ
+        aspect_weights: {helpfulness: 2.0, verbosity: 0.0}   # 0 leaves an aspect out
+        margin: 0.1                    # normalised difference a preference needs
 
 Flagged content is always kept out of training; flags need no setting.
 """
@@ -12,7 +16,10 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _NUMBER = re.compile(r"\d+")
 
@@ -29,8 +36,70 @@ def version_key(version: str) -> tuple[int, ...] | None:
     return tuple(parts)
 
 
+class RatingPairsConfig(BaseModel):
+    """How ratings (a value per candidate and aspect, on the task's scales) become preference
+    pairs for the reward model (`rlhf/curation/ratings.py`). Values are compared normalised by
+    their aspect's scale: (value - min) / (max - min), in [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """Ratings become preference pairs; off, ratings records are counted `not_used/ratings`."""
+
+    pair_on: Literal["overall", "each_aspect"] = "overall"
+    """``overall``: one pair per two candidates of a task, compared on `overall_aspect` where
+    both were rated on it, else on the weighted mean of the aspects both were rated on.
+    ``each_aspect``: one pair per aspect and two candidates rated on it; the aspects share the
+    ratings' weight in proportion to their weights."""
+
+    overall_aspect: str | None = "overall"
+    """The aspect that rates an answer as a whole; with ``pair_on: overall`` it decides alone
+    where both candidates were rated on it (and its weight is not 0). None: always the
+    weighted mean."""
+
+    aspect_weights: dict[str, float] = Field(default_factory=dict)
+    """Weight of each aspect, by name; an aspect not named gets `default_aspect_weight`, and an
+    aspect of weight 0 is left out of pairing."""
+
+    default_aspect_weight: float = Field(1.0, ge=0.0)
+    """Weight of an aspect that `aspect_weights` does not name."""
+
+    margin: float = Field(0.0, ge=0.0, lt=1.0)
+    """Two candidates make a preference when their normalised ratings differ by more than
+    this; equal ratings are a tie (trained as the reward config's `ties` says)."""
+
+    within_margin: Literal["skip", "tie"] = "skip"
+    """Two candidates whose ratings differ, but by no more than `margin`: ``skip`` makes no
+    pair of them; ``tie`` makes a tie."""
+
+    strength_from_difference: bool = False
+    """The preference's strength is the normalised difference (so a 1-to-7 difference on a 1..7
+    scale is certain, one step much less); off, strength is unstated and the reward config's
+    `unstated_strength` applies."""
+
+    @field_validator("aspect_weights")
+    @classmethod
+    def _weights_valid(cls, value: dict[str, float]) -> dict[str, float]:
+        for aspect, weight in value.items():
+            if not aspect:
+                raise ValueError("an aspect name must not be empty")
+            if not (math.isfinite(weight) and weight >= 0.0):
+                raise ValueError(f"the weight of {aspect!r} must be a finite number >= 0, got {weight}")
+        return value
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> RatingPairsConfig:
+        if self.enabled and self.default_aspect_weight == 0.0 and not any(self.aspect_weights.values()):
+            raise ValueError("every aspect has weight 0, so ratings make no pairs: set enabled: false instead")
+        return self
+
+    def weight_of(self, aspect: str) -> float:
+        """The aspect's weight (0: left out)."""
+        return self.aspect_weights.get(aspect, self.default_aspect_weight)
+
+
 class CurationConfig(BaseModel):
-    """What curation removes before training (`rlhf/curation/rules.py`)."""
+    """What curation removes before training, and how ratings become pairs (`rlhf/curation/rules.py`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,6 +138,9 @@ class CurationConfig(BaseModel):
     keep_unversioned: bool = False
     """With `min_guidelines_version` set: keep judgements that carry no guidelines version
     (otherwise they are set aside, since they cannot be shown to be current)."""
+
+    ratings: RatingPairsConfig = Field(default_factory=RatingPairsConfig)
+    """How ratings become preference pairs for the reward model (aspects, weights, margin)."""
 
     @field_validator("min_guidelines_version")
     @classmethod

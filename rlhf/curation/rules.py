@@ -15,8 +15,15 @@ item they remove counts as `dropped/flagged_<category>`); a preference between
 duplicate responses is dropped and a ranking loses its repeated responses;
 items that duplicate one kept earlier in the round, or used in an earlier round,
 are dropped (`rlhf/curation/dedup.py`). Corrections become `Demonstration`s for the SFT
-step when `max_demonstrations` > 0. Every record gets exactly one outcome in
-`counts`.
+step when `max_demonstrations` > 0. Ratings become preference pairs
+(`rlhf/curation/ratings.py`, settings in `CurationConfig.ratings`): one annotator's ratings
+records of a task are merged (a later value of a candidate and aspect replaces an earlier
+one) and paired at the position of the last of them; a malformed record (an unknown
+candidate, an aspect the task has no scale for, a value off its scale) is dropped with the
+reason (`dropped/rating_unknown_aspect`, ...; the details in `Curated.problems`).
+
+Every record gets exactly one outcome in `counts` (the keys `<outcome>/<kind or reason>`);
+`counts["pairs_from_ratings"]`, present when ratings were used, counts the pairs they made.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Iterable, Mapping
 
 from rlhf.curation.config import CurationConfig
-from rlhf.curation.memory import CurationMemory
+from rlhf.curation.memory import FLAG_KINDS, CurationMemory
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.curation.dedup import Fingerprint, normalise
+from rlhf.curation.ratings import Rating, merge_ratings, normalised_ratings, rating_pairs, rating_problem
 from rlhf.quality.judges import answer_text
 from rlhf.preferences import Choice, PreferencePair, Ranking
 from rlhf.sft.data import Demonstration
@@ -61,8 +69,14 @@ class Curated:
     by_annotator: Counter = field(default_factory=Counter)  # records by annotator
     used_by_annotator: Counter = field(default_factory=Counter)  # items and demonstrations used, by annotator
     flagged: list[FlaggedContent] = field(default_factory=list)  # this round's flags, resolved to texts
+    problems: list[str] = field(default_factory=list)  # what is wrong with each malformed record: "<feedback_id>: <field>: <reason>"
     first_seq: int = 0
     last_seq: int = 0
+
+    @property
+    def outcomes(self) -> Counter:
+        """`counts` less the derived counts (`pairs_from_ratings`): one outcome per record."""
+        return Counter({key: n for key, n in self.counts.items() if "/" in key})
 
 
 def curate(
@@ -112,9 +126,14 @@ def curate(
             content = _flagged_content(s.record, task_of(s.record.task_id), category)
             if content is not None:
                 out.flagged.append(content)
+    groups = _ratings_groups(records, task_of, paused, cfg, out) if cfg.ratings.enabled else {}
     for i, s in enumerate(records):
         r = s.record
         kind = r.WhichOneof("judgement")
+        if kind == "ratings" and cfg.ratings.enabled:
+            if i in groups:  # the group's last record: the annotator's ratings of the task are complete
+                _curate_ratings(groups[i], weights, cfg, memory, round_, out)
+            continue
         if kind in ("preference", "ranking") and last[(r.task_id, r.annotator_id, kind)] != i:
             out.counts[f"superseded/{kind}"] += 1
             continue
@@ -201,6 +220,122 @@ def without_flagged(
         if len(keep) >= 2:
             kept.append(_keep_responses(item, keep))
     return kept, changed
+
+
+@dataclass
+class _RatingsGroup:
+    """One annotator's well-formed ratings records of one task in a round, in order."""
+
+    task: Task
+    annotator_id: str
+    records: list[pb.FeedbackRecord] = field(default_factory=list)
+    ratings: list[list[Rating]] = field(default_factory=list)  # normalised, per record
+
+
+def _ratings_groups(records: list[StoredRecord], task_of: Callable[[str], Task | None], paused: Collection[str],
+                    cfg: CurationConfig, out: Curated) -> dict[int, _RatingsGroup]:
+    """The round's ratings records that can be paired, grouped by (task, annotator) and keyed by
+    the index of each group's last record; the others are counted here with their reason."""
+    groups: dict[tuple[str, str], _RatingsGroup] = {}
+    last: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(records):
+        r = s.record
+        if r.WhichOneof("judgement") != "ratings":
+            continue
+        task, reason = _ratings_task(r, task_of, paused, cfg, out)
+        if task is None:
+            out.counts[reason] += 1
+            continue
+        key = (r.task_id, r.annotator_id)
+        group = groups.setdefault(key, _RatingsGroup(task, r.annotator_id))
+        group.ratings.append(normalised_ratings(r.ratings, task, _confidence(r), source=len(group.records)))
+        group.records.append(r)
+        last[key] = i
+    return {last[key]: group for key, group in groups.items()}
+
+
+def _ratings_task(r: pb.FeedbackRecord, task_of: Callable[[str], Task | None], paused: Collection[str],
+                  cfg: CurationConfig, out: Curated) -> tuple[Task | None, str]:
+    """The task of a ratings record that can be paired, or (None, the record's outcome); a
+    malformed record's details go to `out.problems`."""
+    if r.annotator_id in paused:
+        return None, "paused/ratings"
+    reason = cfg.set_aside_reason(r.guidelines_version)
+    if reason:
+        return None, reason
+    task = task_of(r.task_id)
+    if task is None:
+        return None, "dropped/unknown_task"
+    problem = rating_problem(r.ratings, task)
+    if problem is not None:
+        out.problems.append(f"{r.feedback_id or r.task_id}: {problem}")
+        return None, problem.outcome
+    return task, ""
+
+
+def _curate_ratings(group: _RatingsGroup, weights: Mapping[str, float] | None, cfg: CurationConfig,
+                    memory: CurationMemory, round_: int, out: Curated) -> None:
+    """Pair one annotator's ratings of a task; each of its records counts `used/ratings` when a
+    pair was kept, else the reason none was; a record whose every value a later one replaced
+    counts `superseded/ratings`."""
+    merged = merge_ratings(group.ratings)
+    sources = {rating.source for rating in merged}
+    kept, reason = _rating_items(group, merged, weights, cfg, memory, round_)
+    out.items.extend(kept)
+    for n, r in enumerate(group.records):
+        if n not in sources:
+            out.counts["superseded/ratings"] += 1
+        else:
+            _use(out, r, None if kept else reason)
+    if kept:
+        out.counts["pairs_from_ratings"] += len(kept)
+
+
+def _rating_items(group: _RatingsGroup, merged: list[Rating], weights: Mapping[str, float] | None,
+                  cfg: CurationConfig, memory: CurationMemory, round_: int) -> tuple[list[PreferencePair], str]:
+    """The pairs of a group's merged ratings that survive flags, weights and duplicates, and
+    (when none does) why."""
+    task = group.task
+    flag = memory.flag_on(task.task_id)
+    if flag:
+        return [], f"dropped/flagged_{flag}"
+    rated = {rating.candidate_id for rating in merged}
+    flags = {c: memory.flag_on(task.task_id, [c]) for c in rated}
+    merged = [rating for rating in merged if flags[rating.candidate_id] is None]
+    confidences = {rating.source: rating.confidence for rating in merged}  # of the records still in play
+    weight = sum(confidences.values()) / len(confidences) if confidences else 1.0
+    weight *= weights.get(group.annotator_id, 1.0) if weights is not None else 1.0
+    if weight == 0.0:
+        return [], "dropped/zero_weight"
+    texts = {c.candidate_id: answer_text(c.text) for c in task.candidates}
+    made = rating_pairs(task, merged, cfg.ratings, texts=texts, annotator_id=group.annotator_id, weight=weight)
+    if not made:
+        flagged = [f for f in flags.values() if f]
+        return [], (f"dropped/flagged_{min(flagged, key=_severity)}" if flagged else "dropped/ratings_no_pairs")
+    kept, reasons = [], []
+    for made_pair in made:
+        reason = _admit_rating_pair(made_pair.pair, made_pair.aspect, memory, cfg, round_)
+        if reason:
+            reasons.append(reason)
+        else:
+            kept.append(made_pair.pair)
+    return kept, (reasons[0] if reasons else "")
+
+
+def _admit_rating_pair(pair: PreferencePair, aspect: str | None, memory: CurationMemory, cfg: CurationConfig,
+                       round_: int) -> str | None:
+    """None when the pair is kept (and remembered as used), else why not. An overall pair is a
+    judgement of its two responses like a preference of them; an aspect's pair is judged on
+    that aspect only, so it duplicates only pairs of the same aspect."""
+    scope = memory.judgement_scope(pair.annotator_id) + ("" if aspect is None else f"|aspect:{aspect}")
+    fp = memory.fingerprint(scope, pair.prompt, [pair.response_a, pair.response_b])
+    if cfg.drop_identical_responses and memory.repeated_responses(fp):
+        return "dropped/identical_responses"
+    return memory.admit(fp, round_)
+
+
+def _severity(category: str) -> int:
+    return list(FLAG_KINDS.values()).index(category)
 
 
 def _use(out: Curated, r: pb.FeedbackRecord, reason: str | None) -> None:

@@ -30,7 +30,7 @@ from rlhf.records import GoldAnswer, StoredRecord, Task
 
 TIE: tuple[str] = ("tie",)
 BOTH_BAD: tuple[str] = ("both_bad",)
-TRAINED_KINDS = ("preference", "ranking")  # the kinds curation turns into training items
+TRAINED_KINDS = ("preference", "ranking", "ratings")  # the kinds curation turns into training items (ratings: when curation.ratings.enabled)
 
 
 # --------------------------------------------------------------------------- records -> judgements

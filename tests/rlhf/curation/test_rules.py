@@ -66,13 +66,14 @@ def test_every_record_gets_exactly_one_outcome_and_flags_count_by_category():
     rec.add("t5", ranking=pb.Ranking(entries=[pb.Ranking.Entry(candidate_id="t5-0", rank=2),
                                               pb.Ranking.Entry(candidate_id="t5-1", rank=1)]))
     out = curate(rec.items, lookup(*tasks))
-    assert sum(out.counts.values()) == len(rec.items)
+    assert sum(out.counts.values()) == sum(out.outcomes.values()) == len(rec.items)
     assert out.counts["flag/harmful"] == 1 and out.counts["flag/pii"] == 1 and out.counts["flag/spam"] == 1
     assert out.counts["dropped/flagged_harmful"] == 1  # t1: a flagged candidate
     assert out.counts["dropped/flagged_pii"] == 1  # t2: the prompt's flag wins over the candidate's
     assert out.counts["used/preference"] == 4 and out.counts["used/ranking"] == 1
     assert out.counts["dropped/duplicate_exact"] == 1  # ann ranked the pair they had already judged
-    assert out.counts["dropped/unknown_task"] == 1 and out.counts["not_used/ratings"] == 1
+    assert out.counts["dropped/unknown_task"] == 1
+    assert out.counts["dropped/rating_unknown_aspect"] == 1  # t3 declares no scale for "a"
     assert out.counts["not_used/correction"] == 1  # SFT off: no demonstrations
     assert out.received["preference"] == 7 and out.by_annotator["mod"] == 3 and out.used_by_annotator["ann"] == 4
     assert not out.demonstrations

@@ -152,7 +152,7 @@ class PPOWorker:
         if trainer.ds_cfg.zero_stage == 3 and trainer.dist.world_size > 1:
             import deepspeed
 
-            params = [p for n, p in policy.named_parameters() if not lora or "lora_" in n]
+            params = [p for p in policy.parameters() if not lora or p.requires_grad]  # any PEFT kind's trained part
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gather:
             if lora:

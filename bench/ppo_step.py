@@ -34,6 +34,13 @@ chosen and rejected answers, the loss, backward, step), ``trl dpo`` one step of 
 DPOTrainer on the same pairs, model, LoRA settings and learning rate, reference log-probs
 computed in the step on both sides; interleaved the same way. ``dpo_vs_trl`` in the JSON
 compares them on the main model.
+
+PEFT kinds (``--peft lora,dora,ia3,bitfit,bottleneck`` or ``--peft all``; a mode of its own, no
+TRL rows): for each kind (``LoraConfig.kind``, its default targets, rank 8), one ``hitl grpo``
+iteration and one ``hitl dpo`` step as above, the kinds interleaved; the table gives each
+kind's trainable parameters (and their share of the model's), samples/s and pairs/s, on
+SmolLM2-135M-Instruct (``--skip-smollm2``: the tiny random Llama). The JSON has ``peft`` with
+the same per kind.
 """
 
 from __future__ import annotations
@@ -424,6 +431,68 @@ def matmul_floor(setup: Setup, reps: int = 3) -> dict[str, float]:
         }
 
 
+# --------------------------------------------------------------------------- PEFT kinds
+PEFT_KINDS = ("lora", "dora", "ia3", "bitfit", "bottleneck")
+
+
+def peft_kinds_arg(text: str) -> list[str]:
+    kinds = list(PEFT_KINDS) if text == "all" else [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in PEFT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"--peft: expected 'all' or a comma list of {', '.join(PEFT_KINDS)}; got {text!r}")
+    return kinds
+
+
+@dataclass
+class PeftRow:
+    kind: str
+    trainable: int
+    total: int
+    grpo: HitlRun
+    dpo: HitlDPO
+
+
+def run_peft_kinds(setup: Setup, kinds: list[str], warmup: int, iters: int, threads: int) -> list[PeftRow]:
+    """A GRPO iteration and a DPO step of each kind, interleaved, ``warmup + iters`` rounds."""
+    from rlhf.models.peft_kinds import trainable_count
+
+    reward_model = build_reward_model(RewardConfig(head_init_std=0.05), setup.model)
+    rows = []
+    for kind in kinds:
+        kind_setup = Setup(f"{setup.name} ({kind})", setup.model, LoraConfig(enabled=True, kind=kind), setup.prompts,
+                           setup.group, setup.new_tokens, setup.lr)
+        grpo, dpo = HitlRun(kind_setup, "grpo", reward_model, threads), HitlDPO(kind_setup, threads)
+        grpo.result.system, dpo.result.system = f"{kind} grpo", f"{kind} dpo"
+        policy = grpo.trainer.policy
+        rows.append(PeftRow(kind, trainable_count(policy), sum(p.numel() for p in policy.parameters()), grpo, dpo))
+    for round_ in range(warmup + iters):
+        for row in rows:
+            row.grpo.iteration(measured=round_ >= warmup)
+            row.dpo.iteration(measured=round_ >= warmup)
+    return rows
+
+
+def peft_table(setup: Setup, rows: list[PeftRow]) -> list[str]:
+    samples = setup.prompts * setup.group
+    lines = [
+        f"\n== {setup.name}: PEFT kinds, GRPO iterations of {setup.prompts} prompts x {setup.group} samples of "
+        f"{setup.new_tokens} tokens and DPO steps on {samples} pairs, {torch.get_num_threads()} torch thread(s), best "
+        f"of {len(rows[0].grpo.result.iteration_s)} interleaved rounds ==",
+        f"{'kind':<11} {'trainable':>10} {'of model':>9} {'grpo s':>8} {'samples/s':>10} {'dpo s':>8} {'pairs/s':>8}",
+    ]
+    for r in rows:
+        g, d = r.grpo.result.best(), r.dpo.result.best()
+        lines.append(f"{r.kind:<11} {r.trainable:>10,} {r.trainable / r.total:>9.3%} {g:8.2f} {samples / g:10.2f} "
+                     f"{d:8.2f} {samples / d:8.2f}")
+    return lines
+
+
+def peft_summary(setup: Setup, rows: list[PeftRow]) -> dict[str, dict[str, float]]:
+    samples = setup.prompts * setup.group
+    return {r.kind: {"trainable_params": r.trainable, "samples_per_s": round(samples / r.grpo.result.best(), 3),
+                     "dpo_pairs_per_s": round(samples / r.dpo.result.best(), 3)} for r in rows}
+
+
 # --------------------------------------------------------------------------- report
 def table(setup: Setup, results: list[Result]) -> list[str]:
     samples = setup.prompts * setup.group
@@ -450,9 +519,15 @@ def main() -> None:
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both sides); 1 is steadier on a shared CPU")
     ap.add_argument("--only-dpo", action="store_true", help="the DPO rows only (skip the PPO-family ones)")
+    ap.add_argument("--peft", type=peft_kinds_arg, metavar="KINDS",
+                    help=f"PEFT kinds mode: 'all' or a comma list of {', '.join(PEFT_KINDS)} (samples/s and "
+                         "trainable parameters per kind; no TRL rows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warmup, iters = (1, 3) if args.quick else (1, 5)
+    if args.peft:
+        main_peft(args, warmup, iters)
+        return
     lora = LoraConfig(enabled=True, rank=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     setups = [
         Setup("tiny random Llama (full fine-tuning)", ModelConfig(source="tiny", hidden_size=64, num_layers=2,
@@ -520,6 +595,18 @@ def main() -> None:
         **summary,
     }
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
+
+
+def main_peft(args, warmup: int, iters: int) -> None:
+    if args.skip_smollm2:
+        setup = Setup("tiny random Llama", ModelConfig(source="tiny", hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=128), LoraConfig(enabled=True), 4, 4, 32 if not args.quick else 16, 1e-4)
+    else:
+        setup = Setup("SmolLM2-135M-Instruct", ModelConfig(source="smollm2"), LoraConfig(enabled=True),
+                      2 if args.quick else 4, 4, 24 if args.quick else 32, 1e-5)
+    rows = run_peft_kinds(setup, args.peft, warmup, iters, args.threads)
+    print("\n".join(peft_table(setup, rows)), flush=True)
+    print(json.dumps({"model": "tiny" if args.skip_smollm2 else "smollm2", "peft": peft_summary(setup, rows)}))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 - :class:`ModelConfig`: where the weights come from (a tiny random model, a Hugging Face
   directory or hub id, a GGUF file, or the embedded SmolLM2-135M-Instruct default) and how
   they are held (dtype, gradient checkpointing, conversion cache).
-- :class:`LoraConfig`: peft LoRA adapters, or full fine-tuning when disabled.
+- :class:`LoraConfig`: the PEFT part (LoRA, DoRA, IA3, BitFit or bottleneck adapters), or
+  full fine-tuning when disabled.
 - :class:`CriticConfig`: the value function, as a head on the policy's backbone or a separate
   model.
 """
@@ -112,30 +113,97 @@ class ModelConfig(BaseModel):
         return _TORCH_DTYPES[self.dtype]
 
 
+PeftKind = Literal["lora", "dora", "ia3", "bitfit", "bottleneck"]
+
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "lora": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "dora": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "ia3": ("k_proj", "v_proj", "down_proj"),  # peft's (IA)^3 default for Llama
+    "bitfit": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "bottleneck": ("o_proj", "down_proj"),  # after the attention and the MLP sublayer (Houlsby)
+}
+"""``target_modules`` of each kind when the config leaves it out (Llama naming)."""
+
+_ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "rank": ("lora", "dora", "bottleneck"),
+    "alpha": ("lora", "dora"),
+    "dropout": ("lora", "dora", "bottleneck"),
+    "feedforward_modules": ("ia3",),
+    "bias_terms": ("bitfit",),
+}
+"""Fields that only some kinds read: set to anything but their default with another kind, they are
+refused by name (a dumped config, which holds the defaults, loads again)."""
+
+
 class LoraConfig(BaseModel):
-    """LoRA adapters through peft; full fine-tuning when ``enabled`` is false."""
+    """Parameter-efficient fine-tuning (PEFT) of the policy or reward model, by ``kind``; full
+    fine-tuning when ``enabled`` is false. The base weights stay frozen under every kind, and
+    the reference policy is the model with the PEFT part switched off (``disable_adapter``).
+
+    Kinds (what trains; see :mod:`rlhf.models.peft_kinds`):
+
+    - ``lora``: low-rank updates B @ A of ``target_modules`` (peft LoRA).
+    - ``dora``: LoRA plus a trained magnitude per output row (peft LoRA, ``use_dora``).
+    - ``ia3``: one learned scale per output (per input for ``feedforward_modules``) of
+      ``target_modules`` (peft IA3), starting at 1.
+    - ``bitfit``: bias terms only: an additive bias on every ``target_modules`` linear,
+      starting at 0 (peft BEFT). Where the linear has a bias b0, the trained bias is b0 + delta
+      (BitFit exactly, with b0 kept for the reference); where it has none (Llama, SmolLM2) the
+      delta is the bias the layer would have had, at 0. ``bias_terms="existing"`` keeps to the
+      linears that have a bias and refuses a model without any.
+    - ``bottleneck``: a bottleneck adapter after each ``target_modules`` linear (default: the
+      attention and MLP outputs, where Houlsby et al. put them): y + up(relu(down(y))), down
+      to ``rank`` units, up initialised at 0 (peft's custom LoRA-module support).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
-    """Train low-rank adapters only (base weights frozen); off means full fine-tuning."""
+    """Train the PEFT part only (base weights frozen); off means full fine-tuning."""
+
+    kind: PeftKind = "lora"
+    """Which PEFT method: ``lora``, ``dora``, ``ia3``, ``bitfit`` or ``bottleneck`` (alias:
+    ``adapter``)."""
 
     rank: int = Field(8, ge=1)
-    """Rank r of each adapter's update B @ A."""
+    """Rank r of each LoRA/DoRA update B @ A; a bottleneck adapter's hidden width."""
 
     alpha: float = Field(16.0, gt=0.0)
-    """Scaling numerator: the update is multiplied by alpha / rank."""
+    """LoRA/DoRA scaling numerator: the update is multiplied by alpha / rank."""
 
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the adapter's input. Keep 0 for PPO so that log-probs taken at rollout and
-    in training agree."""
+    """Dropout on the adapter's input (LoRA, DoRA, bottleneck). Keep 0 for PPO so that
+    log-probs taken at rollout and in training agree."""
 
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    """Names of the linear layers that get adapters (Llama naming)."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS["lora"]
+    """Names of the linear layers that get the PEFT part (Llama naming); left out, the kind's
+    default (``DEFAULT_TARGETS``)."""
+
+    feedforward_modules: tuple[str, ...] | None = None
+    """``ia3`` only: those of ``target_modules`` whose *input* is scaled (the MLP's down
+    projection); None means those named ``down_proj``."""
+
+    bias_terms: Literal["add", "existing"] = "add"
+    """``bitfit`` only: ``add`` trains a bias on every target linear (created at 0 where the
+    layer has none); ``existing`` only on the target linears that have one (a model whose
+    targets have no bias is refused when the PEFT part is applied)."""
 
     seed: int = Field(0, ge=0)
-    """Seed of the adapters' random initialisation (A; B starts at 0, so a fresh adapter does
-    not change the model). The global RNG is left untouched."""
+    """Seed of the adapters' random initialisation (LoRA's A, a bottleneck's down projection;
+    the other half starts at 0, so a fresh adapter does not change the model). The global RNG
+    is left untouched."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if data.get("kind") == "adapter":
+            data = {**data, "kind": "bottleneck"}
+        kind = data.get("kind", "lora")
+        if "target_modules" not in data and kind in DEFAULT_TARGETS:
+            data = {**data, "target_modules": DEFAULT_TARGETS[kind]}
+        return data
 
     @field_validator("target_modules", mode="after")
     @classmethod
@@ -143,6 +211,24 @@ class LoraConfig(BaseModel):
         if not value:
             raise ValueError("target_modules must name at least one module")
         return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> LoraConfig:
+        for name, kinds in _ONLY_FOR.items():
+            unused = self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].default
+            if unused:
+                raise ValueError(f"{name} is not used by kind={self.kind!r} (only by {', '.join(kinds)})")
+        extra = set(self.feedforward_modules or ()) - set(self.target_modules)
+        if extra:
+            raise ValueError(f"feedforward_modules must be among target_modules; not there: {sorted(extra)}")
+        return self
+
+    @property
+    def ia3_feedforward(self) -> tuple[str, ...]:
+        """``ia3``: the targets whose input is scaled."""
+        if self.feedforward_modules is not None:
+            return self.feedforward_modules
+        return tuple(m for m in self.target_modules if m == "down_proj")
 
 
 class CriticConfig(BaseModel):

@@ -171,28 +171,19 @@ def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str | None = "CAUSAL_LM") -> PeftModel:
-    """Wrap a model with fresh LoRA adapters (base weights frozen, adapters trainable)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    """Wrap a model with a fresh PEFT part of ``lora.kind`` (LoRA, DoRA, IA3, BitFit or
+    bottleneck adapters; base weights frozen, the PEFT part trainable): see
+    :mod:`rlhf.models.peft_kinds`."""
+    from rlhf.models.peft_kinds import apply_peft
 
-    peft_config = PeftLoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-        task_type=task_type,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(lora.seed)
-        return get_peft_model(model, peft_config)
+    return apply_peft(model, lora, task_type)
 
 
 def load_policy(cfg: ModelConfig, lora: LoraConfig | None = None) -> LoadedPolicy:
-    """The policy and its tokenizer; with LoRA adapters when ``lora.enabled``.
+    """The policy and its tokenizer; with the PEFT part of ``lora.kind`` when ``lora.enabled``.
 
-    The model comes back in eval mode (the trainer switches modes); under LoRA only the
-    adapters require gradients.
+    The model comes back in eval mode (the trainer switches modes); under PEFT only its
+    trained part requires gradients.
     """
     tokenizer = load_tokenizer(cfg)
     model: PolicyModel = load_causal_lm(cfg, tokenizer)

@@ -198,9 +198,11 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
 
 def _merged_weight(layer) -> Tensor | None:
     """A LoRA layer's base weight plus its active adapters' updates (out of place), or None
-    when the layer has nothing active or a form this does not merge (variants such as DoRA)."""
-    if layer.disable_adapters or layer.merged:
-        return None
+    when the layer has nothing active or a form this does not merge (variants such as DoRA,
+    bottleneck adapters). Other PEFT kinds' layers (IA3, BitFit) are not LoRA layers: they run
+    their own small products around the base layer's kept pack."""
+    if layer.disable_adapters or layer.merged or getattr(layer, "unmergeable", False):
+        return None  # (a bottleneck adapter sits in LoRA's slots but is no weight update)
     active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
     if not active or any(a in getattr(layer, "lora_variant", {}) for a in active):
         return None

@@ -1,8 +1,9 @@
 """The reference policy pi_ref of the KL penalty.
 
-Under LoRA the reference is the policy itself with its adapters disabled
-(``PeftModel.disable_adapter()``): the base weights are frozen, so "adapters off" is exactly
-the starting policy and no second copy is held in memory. Without LoRA every weight trains,
+Under LoRA (or any other PEFT kind: DoRA, IA3, BitFit, bottleneck adapters) the reference is
+the policy itself with its PEFT part disabled (``PeftModel.disable_adapter()``): the base
+weights are frozen, so "adapters off" is exactly the starting policy and no second copy is
+held in memory. Without LoRA every weight trains,
 so the reference is a frozen deep copy taken when :func:`reference_model` is called (call it
 before the optimiser's first step, and before wrapping the policy in a DeepSpeed engine).
 

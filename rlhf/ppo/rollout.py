@@ -12,6 +12,7 @@ distribution and hands ``generate`` a one-hot score to pick greedily.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -204,26 +205,30 @@ def generate(
 
 @contextmanager
 def merged_lora(model):
-    """Generate with LoRA adapters merged into the base weights (no adapter matmuls per layer
-    and token), then restore the base weights *exactly* (a saved copy, not a subtraction, so
-    the reference policy "adapters off" never drifts). No-op for a model without adapters."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+    """Generate with the PEFT part merged into the base weights (no adapter products per layer
+    and token), then restore the base weights *exactly* (saved copies, not an unmerge, so the
+    reference policy "adapters off" never drifts). Kinds that merge: LoRA, DoRA, IA3; BitFit
+    and bottleneck adapters (and a model without a PEFT part) generate unmerged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if not isinstance(model, PeftModel):
+    from rlhf.models.peft_kinds import can_merge
+
+    if not can_merge(model):
         yield
         return
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
+    bases = [m.get_base_layer() for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(t, t.detach().clone()) for b in bases for t in (b.weight, getattr(b, "bias", None)) if t is not None]
     model.merge_adapter()  # peft writes through .data: kept oneDNN packs would not see it
     forget_packs(model)
     try:
         yield
     finally:
-        model.unmerge_adapter()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")  # IA3: restored below
+            model.unmerge_adapter()
         with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
+            for tensor, original in saved:
+                tensor.copy_(original)
         forget_packs(model)
 
 

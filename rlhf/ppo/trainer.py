@@ -570,7 +570,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path) -> None:
-        """Weights (only the trainable ones under LoRA: the adapters, plus a value head),
+        """Weights (only the trainable ones under any PEFT kind: the adapters, plus a value head),
         optimizer and scheduler states of every engine, the KL controller, the iteration and
         every rank's RNG states. Collective: call on all ranks."""
         directory = Path(directory)

@@ -5,9 +5,12 @@ starting weights — and the head a linear map to one scalar. Sequences are righ
 positions counted over real tokens, so a response's score does not depend on how much
 padding its batch needs or on its batch neighbours.
 
-Saved as a self-contained directory (LoRA adapters merged into the backbone)::
+Saved as a self-contained directory (a LoRA, DoRA or IA3 part merged into the backbone)::
 
     <dir>/backbone/        transformers checkpoint of the decoder stack (safetensors)
+    <dir>/adapters.safetensors  BitFit or bottleneck adapters only: their trained tensors
+                           (they do not fold into the weights; the backbone is saved without
+                           them and they are applied again on loading, from reward.json's lora)
     <dir>/tokenizer/       the tokenizer with its chat template
     <dir>/head.safetensors the head's weight and bias, and the centring offset
     <dir>/reward.json      the RewardConfig it was trained with
@@ -35,6 +38,7 @@ from rlhf.models import (
     position_ids_from_mask,
 )
 from rlhf.models.packed import keep_packs, use_packed_linears
+from rlhf.models.peft_kinds import adapter_state, can_merge, load_adapter_state
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.data import TokenBatch, chat_text, right_padded
 
@@ -178,12 +182,17 @@ class RewardModel(nn.Module):
         return self.head(last.unsqueeze(1)).squeeze(1) - self.offset
 
     def save(self, directory: str | Path) -> None:
-        """Write a self-contained copy (adapters merged) to ``directory``."""
+        """Write a self-contained copy (adapters merged where they fold) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         backbone = self.backbone
-        if isinstance(backbone, PeftModel):
+        (directory / ADAPTERS_FILE).unlink(missing_ok=True)
+        if isinstance(backbone, PeftModel) and can_merge(backbone):
             backbone = copy.deepcopy(backbone).merge_and_unload()
+        elif isinstance(backbone, PeftModel):
+            adapters = {k: v.detach().cpu().contiguous() for k, v in adapter_state(backbone).items()}
+            save_file(adapters, str(directory / ADAPTERS_FILE))
+            backbone = copy.deepcopy(backbone).unload()
         backbone.save_pretrained(str(directory / "backbone"), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         head = {
@@ -194,6 +203,9 @@ class RewardModel(nn.Module):
         save_file(head, str(directory / "head.safetensors"))
         (directory / "reward.json").write_text(self.cfg.model_dump_json(indent=2) + "\n")
 
+
+ADAPTERS_FILE = "adapters.safetensors"
+"""The trained tensors of a PEFT part that does not merge (BitFit, bottleneck), beside the backbone."""
 
 MIN_SHARED_TOKENS = 8
 """Rows share their prefix only when it is at least this long (below, the extra pass costs more)."""
@@ -239,8 +251,8 @@ def _chunks(groups: list[tuple[list[int], int]], size: int) -> list[list[tuple[l
 
 
 def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig) -> RewardModel:
-    """A fresh reward model on ``cfg.model`` (or the policy's starting weights), with LoRA if
-    configured; the head is drawn from ``cfg.seed`` without touching the global RNG."""
+    """A fresh reward model on ``cfg.model`` (or the policy's starting weights), with the PEFT
+    part of ``cfg.lora`` (any kind) if configured; the head is drawn from ``cfg.seed`` without touching the global RNG."""
     model_cfg = cfg.model or policy_model
     tokenizer = load_tokenizer(model_cfg)
     backbone: nn.Module = load_backbone(model_cfg, tokenizer)
@@ -253,12 +265,18 @@ def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig) -> RewardMo
 
 
 def load_reward_model(directory: str | Path) -> RewardModel:
-    """A reward model written by :meth:`RewardModel.save` (merged weights, no adapters)."""
+    """A reward model written by :meth:`RewardModel.save` (merged weights, or the backbone
+    with its BitFit or bottleneck adapters applied again)."""
     directory = Path(directory)
     cfg = RewardConfig.model_validate_json((directory / "reward.json").read_text())
     backbone = AutoModel.from_pretrained(str(directory / "backbone"), local_files_only=True)
     if cfg.model is None or cfg.model.onednn_linear:
         use_packed_linears(backbone)
+    if (directory / ADAPTERS_FILE).exists():
+        if cfg.lora is None or not cfg.lora.enabled:
+            raise ValueError(f"{directory}: {ADAPTERS_FILE} is there but reward.json has no lora section enabled")
+        backbone = apply_lora(backbone, cfg.lora, task_type=None)
+        load_adapter_state(backbone, load_file(str(directory / ADAPTERS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
     tensors = load_file(str(directory / "head.safetensors"))
     head = ValueHead(int(backbone.config.hidden_size))

@@ -83,7 +83,8 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class WeightUpdate:
-    """New weights for the served policy: adapters only under LoRA, else the full state dict."""
+    """New weights for the served policy: the PEFT part's trainable tensors only under any
+    ``lora.kind`` (``adapters_only``), else the full state dict."""
 
     version: int
     tensors: Mapping[str, torch.Tensor]
@@ -143,12 +144,15 @@ class PolicyEngine:
         self._targets = self._update_targets()
 
     def _update_targets(self) -> dict[str, torch.Tensor]:
+        """Full weights, or the PEFT part's trainable tensors by peft's state-dict names (every
+        kind: LoRA, DoRA with its magnitudes, IA3 scales, BitFit biases, bottleneck adapters;
+        the engine builds the same kind from the same config, so a pushed tensor lands on the
+        parameter the trainer trained and the forward applies it as the trainer's does)."""
         if not self.lora:
             return dict(self.model.state_dict())
-        adapter = getattr(self.model, "active_adapter", "default")
-        return {
-            name.replace(f".{adapter}.", "."): p for name, p in self.model.named_parameters() if "lora_" in name
-        }
+        from rlhf.models.peft_kinds import adapter_parameters
+
+        return dict(adapter_parameters(self.model))
 
     # -- weights ----------------------------------------------------------------
 

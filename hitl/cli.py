@@ -6,6 +6,7 @@
     hitl feedback serve|submit|tasks|export|import|stats   services/feedback/command.py
     hitl adapters serve ...                      services/adapters/command.py
     hitl generation serve CONFIG|RUN_DIR         services/generation/command.py
+    hitl eval --a A --b B --judge J ... --out D  services/eval/command.py
     hitl label --project P --annotator-id ME     services/labeling/command.py
     hitl label-web --project P ...               services/labeling/web/command.py
 
@@ -21,6 +22,7 @@ import click
 from actors.command import annotators, run
 from actors.train_command import train
 from services.adapters.command import adapters
+from services.eval.command import eval_command
 from services.feedback.command import feedback
 from services.generation.command import generation
 from services.labeling.command import label
@@ -37,7 +39,7 @@ def main(verbose: bool) -> None:
     )
 
 
-for command in (run, train, annotators, feedback, adapters, generation, label, label_web):
+for command in (run, train, annotators, feedback, adapters, generation, label, label_web, eval_command):
     main.add_command(command)
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlhf.config import RLHFConfig
 from rlhf.curation.config import CurationConfig
+from rlhf.eval.config import EvalConfig
 from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
 from rlhf.po.config import POConfig
 from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
@@ -137,10 +138,19 @@ class CoordinatorConfig(BaseModel):
     feedback_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for that feedback; the round goes on with what arrived (at least one record)."""
     ppo_iterations_per_round: int = Field(4, ge=0)
-    """PPO iterations after each reward-model update."""
+    """PPO iterations after each reward-model update (the most, with `ppo_kl_budget`)."""
+    ppo_kl_budget: float | None = Field(None, gt=0.0)
+    """Stop a round's PPO iterations after the first whose KL to the reference (per answer, as
+    the round report shows it) is above this; None: always run `ppo_iterations_per_round`.
+    The stop is written into that iteration's metrics (`stopped`)."""
     ppo_min_reward_accuracy: float = Field(0.0, ge=0.0, le=1.0)
     """A round runs its PPO iterations only when the reward model's held-out pair accuracy is
     at least this (0: always). Keeps the policy still while the reward model is at chance."""
+    ppo_gate_confidence: float = Field(0.0, ge=0.0, lt=1.0)
+    """0: the gate above compares the held-out accuracy itself. Above 0: it compares the
+    accuracy's lower confidence bound at this one-sided level (Wilson score, over the
+    held-out pairs), so 9 of 10 pairs right (0.9; bound 0.72 at 0.9) counts for less than
+    90 of 100 (bound 0.85): an accuracy on a handful of pairs says little."""
     eval_prompts: int = Field(16, ge=1)
     """Held-out prompts scored each round (win rate against the initial policy)."""
     eval_max_new_tokens: int = Field(48, ge=1)
@@ -218,7 +228,14 @@ class RunConfig(RLHFConfig):
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     annotators: AnnotatorsSection = Field(default_factory=AnnotatorsSection)
     curation: CurationConfig = Field(default_factory=CurationConfig)
-    """What curation removes before training: duplicates, old guideline versions (flags always)."""
+    """What curation removes before training (duplicates, old guideline versions; flags always)
+    and how ratings become pairs."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """The judges of each round's evaluation (the new policy against the initial one on the
+    held-out prompts), as `hitl eval` has them (rlhf/eval/). `rule` without `eval.rule` judges by
+    the first simulated annotator's rule; with no annotators and no rule it gives way to
+    `reward-model`. A `human` judge holds the round until its judgements are in
+    (`eval.human.timeout_s`)."""
 
     def reward_model_spec(self) -> RewardModelSpec:
         return RewardModelSpec(reward=self.reward, policy_model=self.model, resources=self.cluster.reward_model,
@@ -241,6 +258,9 @@ class RunConfig(RLHFConfig):
                 f"coordinator.min_feedback_per_round ({c.min_feedback_per_round}) is more than tasks_per_round x "
                 f"annotations_per_task ({c.tasks_per_round} x {c.annotations_per_task}) can ever yield"
             )
+        if self.generation.backend == "vllm" and self.lora.enabled and self.lora.kind != "lora":
+            raise ValueError(f"lora.kind: generation.backend 'vllm' applies LoRA adapters only, not {self.lora.kind!r}; "
+                             "use generation.backend 'hf'")
         q = c.quality
         if q.gold_rate > 0 and q.gold_tasks is None and not (self.annotators.enabled and self.annotators.annotators):
             raise ValueError(

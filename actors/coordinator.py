@@ -42,7 +42,7 @@ from rlhf.lineage import (
 )
 from rlhf.prompts import load_prompts, split_prompts
 from rlhf.quality import TRAINED_KINDS, QualityTracker
-from rlhf.quality.judges import Judge, shown_text, win_rate
+from rlhf.quality.judges import Judge, shown_text
 from rlhf.storage import CheckpointStorage
 from services.feedback.records import Task
 
@@ -55,11 +55,13 @@ class NoFeedback(RuntimeError):
 STAGES = ("publish", "feedback", "curate", "reward_model", "sft", "ppo", "push_weights", "evaluate", "checkpoint")
 
 
-def countable_feedback(records: list, paused: frozenset[str]) -> list:
-    """The records that count toward a round's feedback threshold: preferences and rankings
-    (what the reward model trains on) from annotators who are not paused."""
+def countable_feedback(records: list, paused: frozenset[str], ratings: bool = True) -> list:
+    """The records that count toward a round's feedback threshold: preferences, rankings and
+    (when curation pairs them, `ratings`) ratings, what the reward model trains on, from
+    annotators who are not paused."""
+    kinds = TRAINED_KINDS if ratings else tuple(k for k in TRAINED_KINDS if k != "ratings")
     return [s for s in records
-            if s.record.WhichOneof("judgement") in TRAINED_KINDS and s.record.annotator_id not in paused]
+            if s.record.WhichOneof("judgement") in kinds and s.record.annotator_id not in paused]
 
 
 @dataclass
@@ -78,6 +80,7 @@ class RoundReport:
     annotators: dict[str, dict[str, int]] = field(default_factory=dict)
     feedback_to_policy_s: float | None = None  # last needed record committed -> first answer by the new policy
     quality: dict[str, Any] = field(default_factory=dict)  # annotator tables (round, overall), weights, paused
+    evaluation: dict[str, Any] = field(default_factory=dict)  # per judge: win-rate, 95% interval, W/T/L (eval/round-NNNN/)
     sft: dict[str, Any] = field(default_factory=dict)  # the SFT step on corrections, or why it was skipped
     lineage: str | None = None  # lineage/policy-vNNNN.json under the run directory (rlhf/lineage.py)
 
@@ -92,7 +95,7 @@ class RunState:
     initial_eval_answers: list[str] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
     reward_model: dict = field(default_factory=dict)  # the reward model's lineage (rlhf.lineage.next_reward_model)
-    reward_accuracy: float | None = None  # the reward model's last held-out accuracy (gates PPO)
+    reward_accuracy: float | None = None  # the reward model's last held-out accuracy, as the gate sees it (gated_accuracy)
 
 
 class Progress:
@@ -132,6 +135,7 @@ class Coordinator:
         self._annotators: list = []
         self._feedback_complete_at: float | None = None
         self._round_quality: dict[str, Any] = {}
+        self._round_evaluation: dict[str, Any] = {}
         self.recoveries: list[dict[str, Any]] = []  # each restart from a checkpoint: round, error
         self._round_running = 0
         self.curation_memory = CurationMemory(cfg.curation)  # flags and used items of the checkpointed rounds
@@ -379,6 +383,7 @@ class Coordinator:
             annotators={a.cfg.annotator_id: asdict(a.stats) for a in self._annotators},
             feedback_to_policy_s=round(served_at - self._feedback_complete_at, 3) if self._feedback_complete_at else None,
             quality=self._round_quality,
+            evaluation=self._round_evaluation,
             sft=sft_report,
             lineage=lineage,
         )
@@ -428,7 +433,7 @@ class Coordinator:
         while True:
             records = self.store.read_after(self.state.watermark, limit=100_000, projects=[self.cfg.feedback.project])
             paused = self._paused_annotators()
-            useful = countable_feedback(records, paused)
+            useful = countable_feedback(records, paused, self.cfg.curation.ratings.enabled)
             set_aside = sum(1 for s in records if s.record.annotator_id in paused)
             self.progress.update(feedback=f"{len(useful)}/{c.min_feedback_per_round}"
                                  + (f" ({set_aside} from paused annotators set aside)" if set_aside else ""))
@@ -494,7 +499,54 @@ class Coordinator:
         judgements (`ppo.algorithm`)."""
         if self.cfg.ppo.algorithm == "ppo":
             return self.ppo_iterations(r, rm_report)
+        if self.cfg.ppo.algorithm == "best_of_n":
+            return self.best_of_n(r, rm_report)
         return self.preference_optimisation(curated)
+
+    def _reward_model_trusted(self, rm_report: dict | None) -> bool:
+        """Whether the reward model passes the gate (``coordinator.ppo_min_reward_accuracy``,
+        judged as ``ppo_gate_confidence`` says); records its last gated accuracy."""
+        c = self.cfg.coordinator
+        accuracy = (rm_report or {}).get("validation_accuracy")
+        if accuracy is not None and accuracy == accuracy:  # not nan
+            pairs = (rm_report or {}).get("validation_pairs") or 0
+            self.state.reward_accuracy = gated_accuracy(accuracy, pairs, c.ppo_gate_confidence)
+        return c.ppo_min_reward_accuracy <= 0 or (self.state.reward_accuracy is not None
+                                                  and self.state.reward_accuracy >= c.ppo_min_reward_accuracy)
+
+    def best_of_n(self, r: int, rm_report: dict | None = None) -> list[dict[str, Any]]:
+        """Rejection-sampling fine-tuning: `best_of_n.n` answers to each of the round's prompts
+        from the engines, scored by the reward model; the SFT step trains on each prompt's best
+        answer where it stands out (`min_gap`, `keep_fraction`). Gated like PPO."""
+        from services.generation.engine import GenerateRequest
+
+        if not self._reward_model_trusted(rm_report):
+            self.progress.update(ppo="best-of-n skipped (reward model accuracy)")
+            return []
+        b = self.cfg.best_of_n
+        prompts = [self.train_prompts[(r * b.prompts_per_round + i) % len(self.train_prompts)] for i in range(b.prompts_per_round)]
+        requests = [GenerateRequest(messages=(("user", p),), n=b.n, temperature=b.temperature,
+                                    max_new_tokens=self.cfg.ppo.max_new_tokens, seed=r * 100_019 + 7) for p in prompts]
+        self.progress.update(ppo=f"best-of-{b.n}: sampling {len(prompts)} prompts")
+        answers = [list(res.texts) for res in self._generate(requests)]
+        flat_prompts = [p for p, texts in zip(prompts, answers) for _ in texts]
+        flat_answers = [t for texts in answers for t in texts]
+        scores = self.reward_model.score(flat_prompts, flat_answers).tolist()
+        from rlhf.sft.best_of_n import pick_best
+
+        picks = pick_best(prompts, answers, scores, b.min_gap, b.keep_fraction)
+        report: dict[str, Any] = {"algorithm": "best_of_n", "prompts": len(prompts), "samples": len(flat_answers),
+                                  "picked": len(picks), "mean_reward": sum(scores) / len(scores) if scores else None,
+                                  "mean_picked_reward": sum(p.reward for p in picks) / len(picks) if picks else None,
+                                  "mean_gap": sum(p.gap for p in picks) / len(picks) if picks else None}
+        if not picks:
+            return [{**report, "skipped": "no answer stood out"}]
+        from rlhf.sft import Demonstration
+
+        self.progress.update(ppo=f"best-of-{b.n}: SFT on {len(picks)}")
+        demos = [Demonstration(prompt=p.prompt, response=p.answer, prompt_id=_prompt_id(p.prompt)) for p in picks]
+        sft = self.trainers.sft(demos)
+        return [{**report, "loss_before": sft.get("loss_before"), "loss_after": sft.get("loss_after"), "sft_steps": sft.get("optimizer_steps")}]
 
     def preference_optimisation(self, curated: Curated) -> list[dict[str, Any]]:
         """DPO/IPO on the round's ordered pairs, KTO on its single judged answers (each pair's two,
@@ -517,10 +569,7 @@ class Coordinator:
         ``coordinator.ppo_min_reward_accuracy`` (a reward model no better than chance would
         only move the policy at random)."""
         c, p = self.cfg.coordinator, self.cfg.ppo
-        accuracy = (rm_report or {}).get("validation_accuracy")
-        if accuracy is not None and accuracy == accuracy:  # not nan
-            self.state.reward_accuracy = accuracy
-        if c.ppo_min_reward_accuracy > 0 and (self.state.reward_accuracy is None or self.state.reward_accuracy < c.ppo_min_reward_accuracy):
+        if not self._reward_model_trusted(rm_report):
             self.progress.update(ppo="skipped (reward model accuracy)")
             return []
         metrics = []
@@ -530,6 +579,9 @@ class Coordinator:
             m = self.trainers.step(batch)
             metrics.append(m)
             self.progress.update(ppo=f"{it + 1}/{c.ppo_iterations_per_round}", reward=m.get("reward", 0.0), kl=m.get("kl", 0.0))
+            if c.ppo_kl_budget is not None and m.get("kl", 0.0) > c.ppo_kl_budget:
+                m["stopped"] = f"kl {m['kl']:.3g} over ppo_kl_budget {c.ppo_kl_budget:g} after {it + 1} iterations"
+                break
         return metrics
 
     def push_weights(self) -> float:
@@ -564,11 +616,39 @@ class Coordinator:
     def _initial_eval(self) -> None:
         self.state.initial_eval_answers = self._eval_answers()
 
+    def _eval_judges(self, eval_id: str) -> list:
+        """The round evaluation's judges (`eval` section): `rule` needs a rule (eval.rule or the
+        first simulated annotator's); without one it gives way to `reward-model`."""
+        from services.eval.judges import build_judges
+
+        cfg = self.cfg.eval
+        if "rule" in cfg.judges and cfg.rule is None and self.judge is None:
+            names = [n for n in cfg.judges if n != "rule"] or ["reward-model"]
+            cfg = cfg.model_copy(update={"judges": list(dict.fromkeys(names))})
+        return build_judges(cfg, eval_id=eval_id, rule=self.judge.cfg if self.judge else None,
+                            reward_scorer=lambda prompts, responses: self.reward_model.score(prompts, responses).tolist(),
+                            reward_label=self.state.reward_model.get("id") if self.state.reward_model else None,
+                            store=self.store)  # a human judge reads eval.human.gold_tasks itself
+
     def evaluate(self) -> float:
-        if self.judge is None:
-            return float("nan")
+        """The served policy against the initial one on the held-out prompts, by the `eval`
+        judges; eval.json, eval.md and eval.png in `eval/round-NNNN/` of the run directory.
+        Returns the `rule` judge's win-rate (ties half), else the first judge's."""
+        from rlhf.eval import EvalItem, evaluate, write_report
+
+        r = self._round_running if self._round_running is not None else self.state.next_round
+        eval_id = f"{self.identity['run_id']}-r{r:04d}"
         answers = self._eval_answers()
-        return win_rate(self.judge, self.eval_prompts, answers, self.state.initial_eval_answers)
+        items = [EvalItem(p, new, old) for p, new, old in zip(self.eval_prompts, answers, self.state.initial_eval_answers)]
+        report = evaluate(items, self._eval_judges(eval_id), eval_id=eval_id,
+                          a={"label": f"policy v{self.state.policy_version}"}, b={"label": "policy v0 (initial)"})
+        write_report(report, self.run_dir / "eval" / f"round-{r:04d}")
+        judges = report["judges"]
+        self._round_evaluation = {name: {k: j.get(k) for k in ("win_rate", "ci95", "lc_win_rate", "win", "tie", "loss", "n")}
+                                  for name, j in judges.items()}
+        primary = judges.get("rule") or next(iter(judges.values()))
+        rate = primary.get("win_rate")
+        return float("nan") if rate is None else float(rate)
 
     # -- checkpoints and reports ------------------------------------------------------
 
@@ -626,6 +706,21 @@ class Coordinator:
             plot_rounds(self.state.reports, self.run_dir / "report.png")
         except Exception:  # noqa: BLE001 - a missing plot must not stop the run
             log.exception("plotting the report failed")
+
+
+def gated_accuracy(accuracy: float, pairs: int, confidence: float) -> float:
+    """What the PPO gate compares with `ppo_min_reward_accuracy`: the accuracy itself at
+    confidence 0, else the lower end of its one-sided Wilson score interval at `confidence`
+    over `pairs` held-out pairs (0 when there are none)."""
+    if confidence <= 0:
+        return accuracy
+    if pairs <= 0:
+        return 0.0
+    from statistics import NormalDist
+
+    from rlhf.eval.stats import wilson_interval
+
+    return wilson_interval(accuracy, pairs, z=NormalDist().inv_cdf(confidence))[0]
 
 
 def _prompt_id(prompt: str) -> str:

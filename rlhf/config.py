@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
 from rlhf.po.config import POConfig
-from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
+from rlhf.ppo.config import PO_ALGORITHMS, DeepSpeedConfig, PPOConfig
 from rlhf.reward.config import RewardConfig
-from rlhf.sft.config import SFTConfig
+from rlhf.sft.config import BestOfNConfig, SFTConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 _UNION_TYPE = type(int | None)
@@ -125,12 +125,17 @@ class RLHFConfig(BaseModel):
     data: DataConfig = DataConfig()
     """Prompt sources, splits and length bounds."""
 
+    best_of_n: BestOfNConfig = BestOfNConfig()
+    """Rejection-sampling fine-tuning when ``ppo.algorithm`` is ``best_of_n``."""
+
     @model_validator(mode="after")
     def _po_loss_is_the_algorithm(self) -> RLHFConfig:
         algorithm = self.ppo.algorithm
-        if "loss" in self.po.model_fields_set and algorithm != "ppo" and self.po.loss != algorithm:
+        if algorithm not in PO_ALGORITHMS:
+            return self
+        if "loss" in self.po.model_fields_set and self.po.loss != algorithm:
             raise ValueError(f"po.loss: {self.po.loss!r} contradicts ppo.algorithm {algorithm!r} (set the algorithm only)")
-        if algorithm != "ppo" and self.po.loss != algorithm:
+        if self.po.loss != algorithm:
             object.__setattr__(self, "po", self.po.model_copy(update={"loss": algorithm}))
         return self
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf.ppo.config import PO_ALGORITHMS
+
 LINEAGE_DIR = "lineage"
 
 
@@ -147,7 +149,9 @@ def policy_lineage(
             "critic": cfg.critic.model_dump(mode="json"),
             "workers": cfg.cluster.trainer.workers,
             **({"po": {"settings": cfg.po.model_dump(mode="json"), "report": dict(ppo_metrics[0]) if ppo_metrics else None}}
-               if cfg.ppo.algorithm != "ppo" else {}),
+               if cfg.ppo.algorithm in PO_ALGORITHMS else {}),
+            **({"best_of_n": {"settings": cfg.best_of_n.model_dump(mode="json"), "report": dict(ppo_metrics[0]) if ppo_metrics else None}}
+               if cfg.ppo.algorithm == "best_of_n" else {}),
         },
         "prompts": {
             "validation_fraction": cfg.data.validation_fraction,

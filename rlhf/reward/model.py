@@ -253,6 +253,10 @@ def _chunks(groups: list[tuple[list[int], int]], size: int) -> list[list[tuple[l
 def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig) -> RewardModel:
     """A fresh reward model on ``cfg.model`` (or the policy's starting weights), with the PEFT
     part of ``cfg.lora`` (any kind) if configured; the head is drawn from ``cfg.seed`` without touching the global RNG."""
+    if cfg.backbone == "encoder":
+        from rlhf.reward.encoder import build_encoder_reward_model
+
+        return build_encoder_reward_model(cfg)  # type: ignore[return-value]  # RewardModel's interface
     model_cfg = cfg.model or policy_model
     tokenizer = load_tokenizer(model_cfg)
     backbone: nn.Module = load_backbone(model_cfg, tokenizer)
@@ -269,6 +273,10 @@ def load_reward_model(directory: str | Path) -> RewardModel:
     with its BitFit or bottleneck adapters applied again)."""
     directory = Path(directory)
     cfg = RewardConfig.model_validate_json((directory / "reward.json").read_text())
+    if cfg.backbone == "encoder":
+        from rlhf.reward.encoder import load_encoder_reward_model
+
+        return load_encoder_reward_model(directory, cfg)  # type: ignore[return-value]
     backbone = AutoModel.from_pretrained(str(directory / "backbone"), local_files_only=True)
     if cfg.model is None or cfg.model.onednn_linear:
         use_packed_linears(backbone)

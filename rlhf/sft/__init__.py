@@ -6,11 +6,12 @@ DeepSpeed engine: loss on response tokens only.
     report.loss_before, report.loss_after
 """
 
-from rlhf.sft.config import SFTConfig
+from rlhf.sft.config import BestOfNConfig, SFTConfig
 from rlhf.sft.data import Demonstration, SFTBatch, make_batch, prompt_ids, response_ids
 from rlhf.sft.trainer import SFTReport, mean_nll, run_sft
 
 __all__ = [
+    "BestOfNConfig",
     "Demonstration",
     "SFTBatch",
     "SFTConfig",

@@ -37,3 +37,29 @@ class SFTConfig(BaseModel):
 
     seed: int = Field(0, ge=0)
     """Seed of the order of the demonstrations in each epoch."""
+
+
+class BestOfNConfig(BaseModel):
+    """Rejection-sampling fine-tuning (``ppo.algorithm: best_of_n``), as Llama 2 and ReST/RAFT
+    do it: each round the engines write `n` answers to each of `prompts_per_round` training
+    prompts, the reward model scores them, and the policy is fine-tuned (the SFT step, with the
+    ``sft`` section's learning rate, epochs and batch size) on each prompt's best answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(8, ge=2)
+    """Answers sampled per prompt."""
+
+    prompts_per_round: int = Field(32, ge=1)
+    """Training prompts sampled per round (taken in order from the training split)."""
+
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature of the candidates."""
+
+    min_gap: float = Field(0.0, ge=0.0)
+    """A prompt's best answer is kept only when its reward exceeds the mean of the prompt's
+    other answers by more than this (0: whenever it is strictly above; prompts whose answers
+    all score alike teach nothing)."""
+
+    keep_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Of the prompts left, the share with the largest gaps that are trained on."""

@@ -461,3 +461,15 @@ def held_out_accuracy(items, tiny_model) -> float:
     model = build_reward_model(reward_cfg, tiny_model)
     train_reward_model(model, items)
     return evaluate_preferences(model, held_out).accuracy
+
+
+def test_ratings_count_toward_the_threshold_when_curation_pairs_them():
+    from types import SimpleNamespace
+
+    rated = pb.FeedbackRecord(task_id="t", annotator_id="x", ratings=pb.Ratings(entries=[pb.Ratings.Entry(candidate_id="c0", aspect="overall", value=4)]))
+    preferred = pb.FeedbackRecord(task_id="t", annotator_id="y", preference=pb.Preference(candidate_a_id="c0", candidate_b_id="c1", choice=pb.Preference.CHOICE_A))
+    flagged = pb.FeedbackRecord(task_id="t", annotator_id="z", flag=pb.Flag(candidate_id="c0", kind=pb.Flag.KIND_SPAM))
+    records = [SimpleNamespace(record=r) for r in (rated, preferred, flagged)]
+    assert [s.record.annotator_id for s in countable_feedback(records, frozenset())] == ["x", "y"]
+    assert [s.record.annotator_id for s in countable_feedback(records, frozenset(), ratings=False)] == ["y"]
+    assert [s.record.annotator_id for s in countable_feedback(records, frozenset({"x"}))] == ["y"]

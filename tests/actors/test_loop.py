@@ -44,6 +44,13 @@ def test_rounds_run_checkpoint_and_resume(ray_session, tmp_path):
     run_dir = tmp_path / "run"
     assert run_dir.stat().st_mode & 0o777 == 0o700  # checkpoints and reports: the owner's alone
     assert (run_dir / "report.png").stat().st_size > 1000
+    # each round's evaluation: the rule judge's figure with its interval, and the eval files
+    for r in reports:
+        rule = r.evaluation["rule"]
+        assert rule["win_rate"] == r.win_rate and rule["n"] == 4 and rule["ci95"][0] <= r.win_rate <= rule["ci95"][1]
+        evaluated = run_dir / "eval" / f"round-{r.round:04d}"
+        assert json.loads((evaluated / "eval.json").read_text())["judges"]["rule"]["n"] == 4
+        assert (evaluated / "eval.md").exists() and (evaluated / "eval.png").stat().st_size > 1000
     assert len(json.loads((run_dir / "report.json").read_text())["rounds"]) == 2
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0001"
 

@@ -143,6 +143,18 @@ class CoordinatorConfig(BaseModel):
     """Stop a round's PPO iterations after the first whose KL to the reference (per answer, as
     the round report shows it) is above this; None: always run `ppo_iterations_per_round`.
     The stop is written into that iteration's metrics (`stopped`)."""
+    ppo_reward_patience: int | None = Field(None, ge=1)
+    """Stop a round's PPO iterations once this many in a row have not raised the mean reward of
+    their rollouts above the round's best by more than `ppo_reward_min_delta` (a plateau);
+    None: no such stop. The reason is written into the last iteration's metrics (`stopped`)."""
+    ppo_reward_min_delta: float = Field(0.0, ge=0.0)
+    """The rise in mean reward that counts as one for `ppo_reward_patience`."""
+    win_rate_patience: int | None = Field(None, ge=1)
+    """End the run early once this many rounds in a row have not raised the evaluation win-rate
+    above the run's best by more than `win_rate_min_delta`; None: run every round. The reason
+    is in report.json (`stopped`) and the log; `--resume` of such a run runs nothing more."""
+    win_rate_min_delta: float = Field(0.0, ge=0.0)
+    """The rise in win-rate that counts as one for `win_rate_patience`."""
     ppo_min_reward_accuracy: float = Field(0.0, ge=0.0, le=1.0)
     """A round runs its PPO iterations only when the reward model's held-out pair accuracy is
     at least this (0: always). Keeps the policy still while the reward model is at chance."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -29,10 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import RunConfig, run_config_json
+from actors.config import CoordinatorConfig, RunConfig, run_config_json
 from hitl.feedback.v1 import feedback_pb2 as pb
 from rlhf.curation.memory import CurationMemory
 from rlhf.curation.rules import Curated, curate
+from rlhf.early_stopping import replay
 from rlhf.lineage import (
     forget_in_reward_model,
     next_reward_model,
@@ -96,6 +98,7 @@ class RunState:
     reports: list[dict] = field(default_factory=list)
     reward_model: dict = field(default_factory=dict)  # the reward model's lineage (rlhf.lineage.next_reward_model)
     reward_accuracy: float | None = None  # the reward model's last held-out accuracy, as the gate sees it (gated_accuracy)
+    stopped: str | None = None  # why the run ended before its last round (coordinator.win_rate_patience), else None
 
 
 class Progress:
@@ -163,7 +166,7 @@ class Coordinator:
 
         reports: list[RoundReport] = []
         failures = 0
-        while self.state.next_round < self.cfg.coordinator.rounds:
+        while self.state.next_round < self.cfg.coordinator.rounds and not self.state.stopped:
             try:
                 reports.append(self.round(self.state.next_round))
             except Exception as err:  # noqa: BLE001 - only the faults below are recovered from
@@ -390,6 +393,9 @@ class Coordinator:
         self.state.watermark = report.watermark_to
         self.state.next_round = r + 1
         self.state.reports.append(asdict(report))
+        self.state.stopped = run_stop_reason(self.state.reports, self.cfg.coordinator)
+        if self.state.stopped:
+            log.info("stopping the run early: %s", self.state.stopped)
         stage("checkpoint", self.checkpoint, r)
         report.stage_seconds = times
         self.state.reports[-1] = asdict(report)
@@ -579,8 +585,10 @@ class Coordinator:
             m = self.trainers.step(batch)
             metrics.append(m)
             self.progress.update(ppo=f"{it + 1}/{c.ppo_iterations_per_round}", reward=m.get("reward", 0.0), kl=m.get("kl", 0.0))
-            if c.ppo_kl_budget is not None and m.get("kl", 0.0) > c.ppo_kl_budget:
-                m["stopped"] = f"kl {m['kl']:.3g} over ppo_kl_budget {c.ppo_kl_budget:g} after {it + 1} iterations"
+            stop = ppo_stop_reason(metrics, c)
+            if stop and it + 1 < c.ppo_iterations_per_round:
+                m["stopped"] = stop
+                log.info("round %d: PPO stopped early: %s", r, stop)
                 break
         return metrics
 
@@ -699,13 +707,37 @@ class Coordinator:
         reports_dir.mkdir(parents=True, exist_ok=True)
         for rep in self.state.reports:
             (reports_dir / f"round-{rep['round']:04d}.json").write_text(json.dumps(rep, indent=2))
-        (self.run_dir / "report.json").write_text(json.dumps({"rounds": self.state.reports}, indent=2))
+        (self.run_dir / "report.json").write_text(json.dumps({"rounds": self.state.reports, "stopped": self.state.stopped}, indent=2))
         try:
             from rlhf.report import plot_rounds
 
             plot_rounds(self.state.reports, self.run_dir / "report.png")
         except Exception:  # noqa: BLE001 - a missing plot must not stop the run
             log.exception("plotting the report failed")
+
+
+def ppo_stop_reason(metrics: list[dict[str, Any]], c: CoordinatorConfig) -> str | None:
+    """Why a round's PPO iterations should stop after the last of `metrics`: its KL over
+    `ppo_kl_budget`, or `ppo_reward_patience` iterations without a new best mean reward."""
+    n, last = len(metrics), metrics[-1]
+    if c.ppo_kl_budget is not None and last.get("kl", 0.0) > c.ppo_kl_budget:
+        return f"kl {last['kl']:.3g} over ppo_kl_budget {c.ppo_kl_budget:g} after {n} iterations"
+    if c.ppo_reward_patience is not None:
+        p = replay((m.get("reward", math.nan) for m in metrics), c.ppo_reward_patience, c.ppo_reward_min_delta, mode="max")
+        if p.stale >= p.patience:
+            return "reward plateau: " + p.reason("mean reward", "iteration")
+    return None
+
+
+def run_stop_reason(reports: list[dict[str, Any]], c: CoordinatorConfig) -> str | None:
+    """Why the run should end after the last of `reports`: `win_rate_patience` rounds without
+    a new best evaluation win-rate (NaN, an evaluation without a rule, never improves)."""
+    if c.win_rate_patience is None or len(reports) >= c.rounds:
+        return None
+    p = replay((r.get("win_rate", math.nan) for r in reports), c.win_rate_patience, c.win_rate_min_delta, mode="max")
+    if p.stale < p.patience or math.isnan(p.best):
+        return None
+    return "win-rate patience: " + p.reason("evaluation win-rate", "round")
 
 
 def gated_accuracy(accuracy: float, pairs: int, confidence: float) -> float:

@@ -38,6 +38,19 @@ class SFTConfig(BaseModel):
     seed: int = Field(0, ge=0)
     """Seed of the order of the demonstrations in each epoch."""
 
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of a step's demonstrations held out (by a stable hash of the prompt, so a prompt's
+    corrections stay on one side) to stop the step early on their loss; 0: no validation, every
+    epoch runs. Needs at least one demonstration on each side, else the step trains on all."""
+
+    patience: int = Field(1, ge=1)
+    """With validation: stop after this many epochs in a row whose validation loss is not
+    below the best so far by more than `min_delta`. The weights are the last epoch's (going
+    back to an earlier epoch would mean restoring DeepSpeed's fp32 master partitions too)."""
+
+    min_delta: float = Field(0.0, ge=0.0)
+    """The improvement in validation loss (nats per token) that counts as one."""
+
 
 class BestOfNConfig(BaseModel):
     """Rejection-sampling fine-tuning (``ppo.algorithm: best_of_n``), as Llama 2 and ReST/RAFT

@@ -15,6 +15,10 @@ collective: every rank calls it with the same demonstrations, in the same order.
 - **Batches.** A minibatch of ``batch_size`` demonstrations is cut into ranks x accumulation
   steps micro-batches of equal row count; missing rows are zero-weight padding, so every rank
   runs the same number of forward and backward passes (ZeRO's collectives need that).
+- **Early stopping.** With ``validation_fraction`` > 0, the demonstrations of a share of the
+  prompts (a stable hash, as the reward model splits) are held out; after every epoch their
+  loss is measured and the step stops after ``patience`` epochs without a new best, with the
+  reason in the report (``stopped``).
 - **Learning rate.** For the step, the policy's parameter group runs at ``SFTConfig.lr`` and
   any other group of the engine (a value head) at 0; the engine's scheduler is detached, so
   PPO's warm-up schedule does not advance. Both are restored afterwards. The optimiser's
@@ -31,10 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlhf.early_stopping import Patience
 from rlhf.ppo.rollout import response_logprobs, sample_seed
 from rlhf.ppo.trainer import PPOTrainer, _all_reduce_sum
 from rlhf.sft.config import SFTConfig
 from rlhf.sft.data import Demonstration, SFTBatch, make_batch
+from rlhf.splits import bucket
 
 _ORDER_STREAM = 2_000_000  # sample_seed index offset of the epoch orders (PPO's use 1_000_000+)
 
@@ -50,32 +56,60 @@ class SFTReport:
     loss_before: float  # on the demonstrations, before the first update
     loss_after: float  # on the demonstrations, after the last update
     epoch_loss: list[float] = field(default_factory=list)  # training loss of each epoch
+    validation: int = 0  # demonstrations held out for early stopping (not trained on)
+    validation_loss: list[float] = field(default_factory=list)  # after each epoch run
+    epochs_run: int = 0
+    stopped: str | None = None  # why the step ended before `epochs`, else None
 
 
 def run_sft(trainer: PPOTrainer, demos: Sequence[Demonstration], cfg: SFTConfig) -> SFTReport:
-    """``cfg.epochs`` passes of shuffled minibatches over ``demos`` (weight 0 ones dropped)."""
+    """Up to ``cfg.epochs`` passes of shuffled minibatches over ``demos`` (weight 0 ones
+    dropped), stopped early on held-out demonstrations when ``cfg.validation_fraction`` > 0."""
     demos = [d for d in demos if d.weight > 0][: cfg.max_examples]
     if not demos:
         raise ValueError("run_sft needs at least one demonstration of positive weight")
+    demos, held_out = split_validation(demos, cfg)
     engine = trainer.policy_engine
     report = SFTReport(demonstrations=len(demos), epochs=cfg.epochs, optimizer_steps=0, tokens=0.0,
-                       loss_before=mean_nll(trainer, demos, cfg), loss_after=float("nan"))
+                       loss_before=mean_nll(trainer, demos, cfg), loss_after=float("nan"), validation=len(held_out))
+    stopper = Patience(cfg.patience, cfg.min_delta, mode="min")
     was_training = engine.module.training
     engine.train()
     with _learning_rate(engine, cfg.lr):
         for epoch in range(cfg.epochs):
-            g = torch.Generator().manual_seed(sample_seed(cfg.seed, trainer.iteration, _ORDER_STREAM + epoch))
-            order = [demos[i] for i in torch.randperm(len(demos), generator=g).tolist()]
-            loss_sum, tokens = 0.0, 0.0
-            for minibatch in _chunks(order, cfg.batch_size):
-                step_loss, step_tokens = _train_minibatch(trainer, minibatch, cfg)
-                loss_sum, tokens = loss_sum + step_loss, tokens + step_tokens
-                report.optimizer_steps += 1
-            report.epoch_loss.append(loss_sum / tokens)
-            report.tokens = tokens
+            _train_epoch(trainer, demos, cfg, epoch, report)
+            if held_out:
+                report.validation_loss.append(mean_nll(trainer, held_out, cfg))
+                if stopper.update(report.validation_loss[-1]) and epoch + 1 < cfg.epochs:
+                    report.stopped = stopper.reason("validation loss", "epoch")
+                    break
     engine.module.train(was_training)
     report.loss_after = mean_nll(trainer, demos, cfg)
     return report
+
+
+def split_validation(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration]]:
+    """(train, held out): a demonstration is held out when its prompt's stable hash falls under
+    ``cfg.validation_fraction``; no split unless both sides get one."""
+    if cfg.validation_fraction <= 0:
+        return demos, []
+    held = [bucket(d.prompt_id or d.prompt, cfg.seed) < cfg.validation_fraction for d in demos]
+    train = [d for d, h in zip(demos, held) if not h]
+    held_out = [d for d, h in zip(demos, held) if h]
+    return (train, held_out) if train and held_out else (demos, [])
+
+
+def _train_epoch(trainer: PPOTrainer, demos: list[Demonstration], cfg: SFTConfig, epoch: int, report: SFTReport) -> None:
+    g = torch.Generator().manual_seed(sample_seed(cfg.seed, trainer.iteration, _ORDER_STREAM + epoch))
+    order = [demos[i] for i in torch.randperm(len(demos), generator=g).tolist()]
+    loss_sum, tokens = 0.0, 0.0
+    for minibatch in _chunks(order, cfg.batch_size):
+        step_loss, step_tokens = _train_minibatch(trainer, minibatch, cfg)
+        loss_sum, tokens = loss_sum + step_loss, tokens + step_tokens
+        report.optimizer_steps += 1
+    report.epoch_loss.append(loss_sum / tokens)
+    report.tokens = tokens
+    report.epochs_run = epoch + 1
 
 
 @torch.no_grad()

@@ -86,3 +86,50 @@ def test_the_round_evaluation_always_has_a_judge(tmp_path):
     assert isinstance(named, RuleJudge) and named.cfg.rule == "format"
     both = judges({"judges": ["rule", "reward-model"]}, None)
     assert [type(j) for j in both] == [RewardModelJudge]
+
+
+# -- early stopping: PPO within a round, the run across rounds ---------------------------
+
+from actors.coordinator import ppo_stop_reason, run_stop_reason  # noqa: E402
+
+
+def _iterations(*rewards, kl=0.1):
+    return [{"reward": r, "kl": kl} for r in rewards]
+
+
+def test_no_stop_unless_asked():
+    c = CoordinatorConfig(ppo_iterations_per_round=8)
+    assert ppo_stop_reason(_iterations(1.0, 0.5, 0.2, 0.1), c) is None
+    assert run_stop_reason([{"win_rate": w} for w in (0.6, 0.5, 0.4)], CoordinatorConfig(rounds=5)) is None
+
+
+def test_ppo_stops_on_the_kl_budget_first():
+    c = CoordinatorConfig(ppo_kl_budget=1.0, ppo_reward_patience=1)
+    reason = ppo_stop_reason(_iterations(0.1, 0.2, kl=1.5), c)
+    assert reason is not None and reason.startswith("kl 1.5 over ppo_kl_budget 1")
+
+
+def test_ppo_stops_on_a_reward_plateau():
+    c = CoordinatorConfig(ppo_reward_patience=2, ppo_reward_min_delta=0.05)
+    assert ppo_stop_reason(_iterations(0.1, 0.3), c) is None
+    assert ppo_stop_reason(_iterations(0.1, 0.3, 0.32), c) is None  # one stale iteration (0.02 is under min_delta)
+    reason = ppo_stop_reason(_iterations(0.1, 0.3, 0.32, 0.2), c)
+    assert reason is not None and reason.startswith("reward plateau")
+    assert "best 0.3 (iteration 2)" in reason and "for 2 iteration(s)" in reason and "after iteration 4" in reason
+    assert ppo_stop_reason(_iterations(0.1, 0.3, 0.32, 0.4), c) is None  # a real rise resets the count
+
+
+def test_the_run_stops_on_win_rate_patience():
+    c = CoordinatorConfig(rounds=6, win_rate_patience=2, win_rate_min_delta=0.02)
+    reports = [{"win_rate": w} for w in (0.5, 0.7, 0.71, 0.65)]
+    reason = run_stop_reason(reports, c)
+    assert reason is not None and "evaluation win-rate" in reason and "best 0.7 (round 2)" in reason and "after round 4" in reason
+    assert run_stop_reason(reports[:3], c) is None
+    assert run_stop_reason(reports + [{"win_rate": 0.8}], c) is None  # a new best: go on
+    # the last round: the run ends anyway, nothing to stop early
+    assert run_stop_reason(reports, c.model_copy(update={"rounds": 4})) is None
+
+
+def test_a_run_without_a_win_rate_is_never_stopped_by_it():
+    c = CoordinatorConfig(rounds=6, win_rate_patience=1)
+    assert run_stop_reason([{"win_rate": float("nan")}] * 3, c) is None

@@ -126,3 +126,35 @@ def test_two_ranks_with_zero2_and_accumulation_match_one_process():
     for key in ("loss_before", "loss_after", "tokens"):
         assert multi[key] == pytest.approx(single[key], rel=1e-4), key
     assert multi["epoch_loss"] == pytest.approx(single["epoch_loss"], rel=1e-4)
+
+
+def test_held_out_demonstrations_follow_their_prompt_and_need_both_sides():
+    from rlhf.sft.trainer import split_validation
+
+    cfg = SFTConfig(enabled=True, validation_fraction=0.5)
+    # two corrections of each prompt: a prompt's corrections never straddle the split
+    demos = [Demonstration(d.prompt, d.response + extra, prompt_id=d.prompt_id) for d in DEMOS for extra in ("", " Yes.")]
+    train, held = split_validation(demos, cfg)
+    assert train and held and len(train) + len(held) == len(demos)
+    assert not {d.prompt_id for d in train} & {d.prompt_id for d in held}
+    assert split_validation(demos, cfg) == (train, held)  # stable
+    assert split_validation(demos, SFTConfig(enabled=True)) == (demos, [])  # no validation asked for
+    lone = [d for d in demos if d.prompt_id == held[0].prompt_id]
+    assert split_validation(lone, cfg) == (lone, [])  # all on one side: train on everything
+
+
+def test_sft_stops_when_the_held_out_loss_stops_falling():
+    trainer = _trainer()
+    # answers the held-out prompts do not share: memorising the training ones soon costs them
+    words = ["zebra", "quartz", "violin", "harbour", "copper", "lantern", "meadow", "saddle", "orbit", "pepper"]
+    demos = [Demonstration(f"Say something about item {i}.", " ".join(words[i:] + words[:i]), prompt_id=f"q{i}") for i in range(10)]
+    cfg = SFTConfig(enabled=True, lr=5e-2, epochs=12, batch_size=4, validation_fraction=0.3, patience=2)
+    report = run_sft(trainer, demos, cfg)
+
+    assert report.validation and report.demonstrations + report.validation == len(demos)
+    assert report.stopped is not None and "validation loss" in report.stopped, report
+    assert report.epochs_run < cfg.epochs and len(report.validation_loss) == report.epochs_run == len(report.epoch_loss)
+    best = min(report.validation_loss)
+    assert report.validation_loss.index(best) == report.epochs_run - 1 - cfg.patience
+    assert all(v >= best for v in report.validation_loss[-cfg.patience:])
+    assert report.loss_after < report.loss_before  # the training side still learned

@@ -105,11 +105,11 @@ def train_offline(cfg, out: Path, *, store: str | None = None, projects: list[st
     import torch
 
     from actors.config import run_config_json
+    from actors.trained_run import write_trained_run
     from rlhf.curation.memory import CurationMemory
     from rlhf.curation.rules import curate
     from rlhf.lineage import digest
     from rlhf.po import kto_examples_from, pairs_from, run_preference_optimisation
-    from rlhf.storage import CheckpointStorage, write_policy
 
     db, records = _records(store, projects, data, fmt, tasks)
     try:
@@ -123,19 +123,12 @@ def train_offline(cfg, out: Path, *, store: str | None = None, projects: list[st
         fail(f"{algorithm}: no usable judgements among {len(records)} records (curation: {dict(curated.counts)})")
     trainer = _trainer(cfg)
     report = run_preference_optimisation(trainer, examples, cfg.po)
-    out.mkdir(parents=True, exist_ok=True)
-    os.chmod(out, 0o700)
-    storage = CheckpointStorage(str(out / "checkpoints"))
-    tensors = _served_tensors(trainer)
-    write_policy(storage, "trained/policy", 1, tensors, trainer.is_peft)
-    storage.write_text("LATEST", "trained\n")
-    (out / "config.json").write_text(run_config_json(cfg))
     summary = {"algorithm": algorithm, "records": len(records), "examples": len(examples), "out": str(out),
                "loss_before": report.loss_before, "loss_after": report.loss_after,
                "accuracy_before": report.accuracy_before, "accuracy_after": report.accuracy_after}
-    (out / "report.json").write_text(json.dumps({**summary, "report": report.__dict__, "curation": dict(curated.counts),
-                                                 "examples_sha256": digest(examples), "po": cfg.po.model_dump(mode="json"),
-                                                 "device": str(trainer.dist.device), "torch": torch.__version__}, indent=2))
+    write_trained_run(out, run_config_json(cfg), trainer,
+                      {**summary, "report": report.__dict__, "curation": dict(curated.counts), "examples_sha256": digest(examples),
+                       "po": cfg.po.model_dump(mode="json"), "device": str(trainer.dist.device), "torch": torch.__version__})
     return summary
 
 
@@ -153,13 +146,5 @@ def _trainer(cfg):
     def no_reward(prompts: list[str], responses: list[str]):
         raise RuntimeError("offline preference optimisation scores nothing")
 
-    return PPOTrainer(policy, tokenizer, no_reward, cfg.ppo, cfg.deepspeed)
+    return PPOTrainer(policy, tokenizer, no_reward, cfg.ppo, cfg.deepspeed, template=cfg.template)
 
-
-def _served_tensors(trainer) -> dict:
-    """The adapters under LoRA, else the full state dict (what a weight update carries)."""
-    if trainer.is_peft:
-        from peft import get_peft_model_state_dict
-
-        return dict(get_peft_model_state_dict(trainer.policy))
-    return dict(trainer.policy.state_dict())

@@ -117,12 +117,9 @@ class Result:
 
 
 def chat_prompts(tokenizer, n: int) -> list[str]:
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokenize=False, add_generation_prompt=True
-        )
-        for i in range(n)
-    ]
+    from rlhf.templates import render_prompt
+
+    return [render_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
 
 
 def reward_fn_of(reward_model):

@@ -41,6 +41,7 @@ def answers(prompts: int, seed: int) -> list[dict]:
     from rlhf.config import ModelConfig
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.prompts import BUILTIN
+    from rlhf.templates import render_prompt
 
     torch.manual_seed(seed)
     cfg = ModelConfig(source="smollm2", dtype="float32", cache_dir="~/.cache/hitl/models")
@@ -51,8 +52,7 @@ def answers(prompts: int, seed: int) -> list[dict]:
     chosen = list(BUILTIN["default"])[:prompts]
     for start in range(0, len(chosen), 16):
         batch = chosen[start:start + 16]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in batch]
+        texts = [render_prompt(tokenizer, p) for p in batch]
         encoded = tokenizer(texts, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**encoded, do_sample=True, temperature=1.0, max_new_tokens=48, num_return_sequences=4,

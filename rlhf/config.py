@@ -31,6 +31,7 @@ from rlhf.po.config import POConfig
 from rlhf.ppo.config import PO_ALGORITHMS, DeepSpeedConfig, PPOConfig
 from rlhf.reward.config import RewardConfig
 from rlhf.sft.config import BestOfNConfig, SFTConfig
+from rlhf.templates import PromptTemplate
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 _UNION_TYPE = type(int | None)
@@ -41,18 +42,30 @@ class PromptSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["builtin", "text", "jsonl"] = "builtin"
+    kind: Literal["builtin", "text", "jsonl", "parquet", "datasets"] = "builtin"
     """``builtin``: a prompt set shipped with hitl (no download); ``text``: one prompt per
-    line of ``path``; ``jsonl``: one JSON object per line of ``path``, prompt under ``field``."""
+    line of ``path``; ``jsonl``: one JSON object per line of ``path``, prompt under ``field``;
+    ``parquet``: a Parquet file, prompt in column ``field``; ``datasets``: a directory written by
+    Hugging Face ``datasets`` (``save_to_disk``), prompt in column ``field`` (needs the
+    ``datasets`` package: ``pip install 'hitl[prompts]'``)."""
 
     name: str = "default"
     """``builtin`` only: which shipped prompt set."""
 
     path: Path | None = None
-    """``text`` and ``jsonl``: the file to read."""
+    """``text``, ``jsonl``, ``parquet``: the file to read; ``datasets``: the directory."""
 
     field: str = "prompt"
-    """``jsonl`` only: the key holding the prompt text."""
+    """``jsonl``, ``parquet``, ``datasets``: the key (column) holding the prompt text."""
+
+    category_field: str | None = None
+    """``jsonl``, ``parquet``, ``datasets``: the key (column) holding each prompt's category (a
+    string; a missing or null value: no category), for per-category counts and evaluation
+    slices; None: the prompts have no category."""
+
+    split: str | None = None
+    """``datasets`` only: the split to read when the directory holds several (a ``DatasetDict``);
+    None: the only one."""
 
     @model_validator(mode="after")
     def _check_path(self) -> PromptSource:
@@ -60,6 +73,10 @@ class PromptSource(BaseModel):
             raise ValueError("path must be unset for kind='builtin'")
         if self.kind != "builtin" and self.path is None:
             raise ValueError(f"path is required for kind={self.kind!r}")
+        if self.category_field is not None and self.kind in ("builtin", "text"):
+            raise ValueError(f"category_field: kind {self.kind!r} has no fields (use jsonl, parquet or datasets)")
+        if self.split is not None and self.kind != "datasets":
+            raise ValueError(f"split: only for kind 'datasets', not {self.kind!r}")
         return self
 
 
@@ -128,6 +145,11 @@ class RLHFConfig(BaseModel):
     best_of_n: BestOfNConfig = BestOfNConfig()
     """Rejection-sampling fine-tuning when ``ppo.algorithm`` is ``best_of_n``."""
 
+    template: PromptTemplate = PromptTemplate()
+    """How every prompt is laid out for the policy and the reward model (system prompt,
+    few-shot turns, chat-template arguments; ``rlhf/templates.py``); its ``version`` is recorded
+    in each policy's lineage and each labeling task's metadata. Default: one user turn."""
+
     @model_validator(mode="after")
     def _po_loss_is_the_algorithm(self) -> RLHFConfig:
         algorithm = self.ppo.algorithm
@@ -137,6 +159,13 @@ class RLHFConfig(BaseModel):
             raise ValueError(f"po.loss: {self.po.loss!r} contradicts ppo.algorithm {algorithm!r} (set the algorithm only)")
         if self.po.loss != algorithm:
             object.__setattr__(self, "po", self.po.model_copy(update={"loss": algorithm}))
+        return self
+
+    @model_validator(mode="after")
+    def _template_needs_chat_template(self) -> RLHFConfig:
+        if not self.template.is_default and not self.ppo.chat_template:
+            raise ValueError("template: a system prompt, few-shot turns or chat-template arguments need "
+                             "ppo.chat_template (rollouts from raw text would not show them)")
         return self
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ it (the watermark range, records by kind and by annotator, what curation used an
 the reward model that scored its rollouts (an id from the round it was last trained in and a
 hash chain over every item it was trained on, in order), the demonstrations of its SFT step,
 the PPO, model, LoRA and DeepSpeed settings with the seed and the trainer iterations it ran,
-the prompt split, and the run's config hash and code commit. The round report names the file.
+the prompt template (its version and content: what the policy saw around every prompt), the
+prompt split, and the run's config hash and code commit. The round report names the file.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def policy_lineage(
             **({"best_of_n": {"settings": cfg.best_of_n.model_dump(mode="json"), "report": dict(ppo_metrics[0]) if ppo_metrics else None}}
                if cfg.ppo.algorithm == "best_of_n" else {}),
         },
+        "template": cfg.template.record(),
         "prompts": {
             "validation_fraction": cfg.data.validation_fraction,
             "split_seed": cfg.data.split_seed,

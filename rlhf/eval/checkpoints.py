@@ -13,12 +13,15 @@ from pathlib import Path
 from rlhf.models import ModelConfig
 from rlhf.reward.config import RewardConfig
 from rlhf.storage import CheckpointStorage
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate
 
 TRAINED = "trained.safetensors"
 
 
-def load_checkpointed_reward_model(storage: CheckpointStorage, rel: str, reward: RewardConfig, policy_model: ModelConfig):
-    """The reward model of `rel` (e.g. `round-0004/reward_model`), in eval mode."""
+def load_checkpointed_reward_model(storage: CheckpointStorage, rel: str, reward: RewardConfig, policy_model: ModelConfig,
+                                   template: PromptTemplate = DEFAULT_TEMPLATE):
+    """The reward model of `rel` (e.g. `round-0004/reward_model`), in eval mode, rendering its
+    inputs with the run's `template`."""
     from safetensors.torch import load_file
 
     from rlhf.reward.model import build_reward_model
@@ -28,7 +31,7 @@ def load_checkpointed_reward_model(storage: CheckpointStorage, rel: str, reward:
         if not path.exists():
             raise FileNotFoundError(f"{storage.location(rel)}: no {TRAINED} (not a reward-model checkpoint)")
         tensors = load_file(str(path))
-    model = build_reward_model(reward, policy_model)
+    model = build_reward_model(reward, policy_model, template)
     unknown = set(tensors) - set(model.state_dict())
     if unknown:
         raise ValueError(f"{storage.location(rel)}: tensors the reward model does not have: {sorted(unknown)[:3]}")

@@ -211,4 +211,5 @@ def _rows(trainer: PPOTrainer, examples: list[Example | None], filler: Example, 
 
 def _token_rows(trainer: PPOTrainer, answers: list[tuple[str, str]], cfg: POConfig):
     demos = [Demonstration(prompt, answer) for prompt, answer in answers]
-    return make_batch(trainer.tokenizer, demos, cfg.max_prompt_tokens, cfg.max_response_tokens, trainer.dist.device)
+    return make_batch(trainer.tokenizer, demos, cfg.max_prompt_tokens, cfg.max_response_tokens, trainer.dist.device,
+                      template=trainer.template)

@@ -46,10 +46,11 @@ class PPOConfig(BaseModel):
     """Responses sampled per prompt; must be at least 2 for ``grpo`` and ``rloo``."""
 
     chat_template: bool = True
-    """Rollouts wrap each prompt in the tokenizer's chat template (a user turn, then the
-    assistant's turn opened), as the generation server and the reward model do; the reward
-    model still receives the plain prompt. Off, or for a tokenizer without a chat template,
-    prompts are generated from as raw text."""
+    """Rollouts render each prompt by the run's ``template`` in the tokenizer's chat template
+    (by default a user turn, then the assistant's turn opened), as the generation server and
+    the reward model do; the reward model still receives the plain prompt. Off, or for a
+    tokenizer without a chat template, prompts are generated from as raw text (and the
+    ``template`` section must stay at its default)."""
     max_prompt_tokens: int = Field(256, gt=0)
     """Prompts longer than this many tokens are truncated from the left."""
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from rlhf.models.packed import forget_packs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.core import logprobs_and_entropy, logprobs_from_logits
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, render_prompt
 
 
 def sample_seed(seed: int, iteration: int, index: int) -> int:
@@ -105,16 +106,14 @@ class Generation:
         return self.sequences[:, self.prompt_length :]
 
 
-def rollout_texts(tokenizer, prompts: list[str], chat_template: bool) -> list[str]:
-    """What the policy continues: each prompt as a user turn in the tokenizer's chat template
-    with the assistant's turn opened (when ``chat_template`` and the tokenizer has one), or
-    the prompt as it is."""
+def rollout_texts(tokenizer, prompts: list[str], chat_template: bool,
+                  template: PromptTemplate = DEFAULT_TEMPLATE) -> list[str]:
+    """What the policy continues: each prompt rendered by ``template`` (``rlhf.templates``: a
+    user turn in the tokenizer's chat template, the assistant's turn opened) when
+    ``chat_template`` and the tokenizer has one, or the prompt as it is."""
     if not chat_template or not getattr(tokenizer, "chat_template", None):
         return list(prompts)
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    return [render_prompt(tokenizer, p, template) for p in prompts]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device: torch.device | str = "cpu"):
@@ -352,11 +351,12 @@ class RolloutSampling:
     min_new_tokens: int
     max_prompt_tokens: int
     chat_template: bool
+    template: PromptTemplate = DEFAULT_TEMPLATE  # how prompts are rendered (the run's template section)
 
     @classmethod
-    def of(cls, cfg: PPOConfig) -> "RolloutSampling":
+    def of(cls, cfg: PPOConfig, template: PromptTemplate = DEFAULT_TEMPLATE) -> "RolloutSampling":
         return cls(cfg.seed, cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.min_new_tokens,
-                   cfg.max_prompt_tokens, cfg.chat_template)
+                   cfg.max_prompt_tokens, cfg.chat_template, template)
 
 
 @dataclass(frozen=True)
@@ -393,7 +393,7 @@ def rollout(model, tokenizer, request: RolloutRequest, synced_gpus: bool = False
     """Sample a request's rows with ``model`` (any rank or engine: the same samples)."""
     s = request.sampling
     device = next(model.parameters()).device
-    texts = rollout_texts(tokenizer, list(request.prompts), s.chat_template)
+    texts = rollout_texts(tokenizer, list(request.prompts), s.chat_template, s.template)
     ids, attn = tokenize_prompts(tokenizer, texts, s.max_prompt_tokens, device)
     cfg = PPOConfig.model_construct(seed=s.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                     max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens)

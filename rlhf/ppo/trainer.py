@@ -52,6 +52,7 @@ from rlhf.ppo.rollout import (
     rollout_texts,
     tokenize_prompts,
 )
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, check_template
 
 RewardFn = Callable[[list[str], list[str]], Tensor]
 """Scores a batch: (prompts, responses) -> (B,) float tensor. A rule or the reward model."""
@@ -189,17 +190,21 @@ class PPOTrainer:
         critic: nn.Module | None = None,
         rollout_fn: RolloutFn | None = None,
         reference: nn.Module | None = None,
+        template: PromptTemplate = DEFAULT_TEMPLATE,
     ) -> None:
         """`reference`: the initial policy loaded apart, frozen; needed (and only used) when the
         policy's weights come ZeRO-3 partitioned without LoRA (`zero3_loading`): a deep copy of
         partitioned weights would hold only this rank's shard. It gets an inference engine of
-        its own, which gathers each layer's weights for its forward."""
+        its own, which gathers each layer's weights for its forward. `template`: how prompts
+        are rendered (rollouts here and on the engines, SFT and DPO batches: `rlhf.templates`)."""
         from rlhf.models import ValueHeadCritic, reference_model
         from rlhf.models.reference import ReferenceModel
 
         self.dist = init_distributed()
         self.cfg, self.ds_cfg = ppo, ds
         self.tokenizer, self.reward_fn, self.rollout_fn = tokenizer, reward_fn, rollout_fn
+        check_template(tokenizer, template, "the policy")
+        self.template = template
         self.last_rollout_version: int | None = None
         """The policy version of the engines that sampled the last iteration's rollouts."""
         self._check_divisibility()
@@ -401,7 +406,7 @@ class PPOTrainer:
 
     def _generate(self, prompts: list[str], indices: list[int]) -> Generation:
         if self.rollout_fn is not None:
-            request = RolloutRequest(tuple(prompts), tuple(indices), self.iteration, self.cfg.group_size, RolloutSampling.of(self.cfg))
+            request = RolloutRequest(tuple(prompts), tuple(indices), self.iteration, self.cfg.group_size, RolloutSampling.of(self.cfg, self.template))
             batch = self.rollout_fn(request)
             if len(batch) != len(prompts):
                 raise ValueError(f"the engines returned {len(batch)} rollouts for {len(prompts)} rows")
@@ -409,7 +414,7 @@ class PPOTrainer:
             return generation_of(batch, self.tokenizer.pad_token_id, self.dist.device)
         module = self.policy_engine.module
         policy = module.policy if self.critic_is_head else module
-        ids, attn = tokenize_prompts(self.tokenizer, rollout_texts(self.tokenizer, prompts, self.cfg.chat_template), self.cfg.max_prompt_tokens, self.dist.device)
+        ids, attn = tokenize_prompts(self.tokenizer, rollout_texts(self.tokenizer, prompts, self.cfg.chat_template, self.template), self.cfg.max_prompt_tokens, self.dist.device)
         with self._generation_weights(policy):
             return generate(
                 policy, self.tokenizer, ids, attn, self.cfg, self.iteration, indices,

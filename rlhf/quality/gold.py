@@ -48,8 +48,9 @@ def check_gold_pool(tasks: Sequence[Task], where: str) -> list[Task]:
 
 
 def gold_from_file(slot: Task, gold: Task, rng: random.Random, prompt_id: Callable[[str], str]) -> Task:
-    """`gold` republished in place of the round task `slot`: the slot's ids, annotations wanted
-    and policy version, the gold pair's texts in a random order, no metadata."""
+    """`gold` republished in place of the round task `slot`: the slot's ids, annotations wanted,
+    policy version and metadata (the template version: nothing tells it from a round task), the
+    gold pair's texts in a random order; the gold file's own metadata is not sent."""
     order = [0, 1]
     rng.shuffle(order)
     version = slot.candidates[0].policy_version if slot.candidates else 0
@@ -63,7 +64,8 @@ def gold_from_file(slot: Task, gold: Task, rng: random.Random, prompt_id: Callab
             better = candidate_id
     return Task(
         task_id=slot.task_id, project=slot.project, prompt_id=prompt_id(gold.prompt), prompt=gold.prompt,
-        candidates=tuple(candidates), annotations_wanted=slot.annotations_wanted, gold=GoldAnswer(better),
+        candidates=tuple(candidates), metadata=dict(slot.metadata), annotations_wanted=slot.annotations_wanted,
+        gold=GoldAnswer(better),
     )
 
 

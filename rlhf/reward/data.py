@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.preferences import PreferencePair, soft_label
 from rlhf.reward.config import RewardConfig
 from rlhf.splits import bucket
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, render_exchange
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,11 @@ def split_by_prompt(pairs: Sequence[TrainingPair], fraction: float, seed: int) -
     )
 
 
-def chat_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
-    """The (prompt, response) exchange as the tokenizer's chat template writes it."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return str(tokenizer.apply_chat_template(messages, tokenize=False))
+def chat_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
+              template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
+    """The (prompt, response) exchange as the template renders it in the tokenizer's chat
+    template (``rlhf.templates.render_exchange``): the text the reward model scores."""
+    return render_exchange(tokenizer, prompt, response, template)
 
 
 def encode(
@@ -102,12 +104,13 @@ def encode(
     prompts: Sequence[str],
     responses: Sequence[str],
     max_length: int,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
 ) -> TokenBatch:
     """Tokenize chat-formatted pairs; keep the last ``max_length`` tokens of each (the score
     is read at the end); pad on the right."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    texts = [chat_text(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    texts = [chat_text(tokenizer, p, r, template) for p, r in zip(prompts, responses)]
     rows = [ids[-max_length:] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
     return right_padded(rows, int(tokenizer.pad_token_id))
 

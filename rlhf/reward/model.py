@@ -14,6 +14,7 @@ Saved as a self-contained directory (a LoRA, DoRA or IA3 part merged into the ba
     <dir>/tokenizer/       the tokenizer with its chat template
     <dir>/head.safetensors the head's weight and bias, and the centring offset
     <dir>/reward.json      the RewardConfig it was trained with
+    <dir>/template.json    the prompt template its inputs are rendered with (rlhf/templates.py)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from rlhf.models.packed import keep_packs, use_packed_linears
 from rlhf.models.peft_kinds import adapter_state, can_merge, load_adapter_state
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.data import TokenBatch, chat_text, right_padded
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, check_template
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,12 +60,14 @@ class RewardModel(nn.Module):
         head: ValueHead,
         tokenizer: PreTrainedTokenizerBase,
         cfg: RewardConfig,
+        template: PromptTemplate = DEFAULT_TEMPLATE,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.template = template  # how (prompt, response) is rendered: the policy's template (rlhf.templates)
         self.register_buffer("offset", torch.zeros(()))  # () subtracted from every score
         # trained only by torch.optim and load_state_dict: scoring may keep oneDNN packs of the
         # weights between updates (rlhf.models.packed)
@@ -147,7 +151,7 @@ class RewardModel(nn.Module):
 
     def _token_rows(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Each pair's chat tokens, unpadded, cut to the last ``max_length`` (as ``encode``)."""
-        texts = [chat_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        texts = [chat_text(self.tokenizer, p, r, self.template) for p, r in zip(prompts, responses)]
         return [ids[-self.cfg.max_length :] for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
 
     def _score_shared(self, groups: list[tuple[list[int], list[list[int]]]]) -> torch.Tensor:
@@ -202,7 +206,11 @@ class RewardModel(nn.Module):
         }
         save_file(head, str(directory / "head.safetensors"))
         (directory / "reward.json").write_text(self.cfg.model_dump_json(indent=2) + "\n")
+        (directory / TEMPLATE_FILE).write_text(self.template.model_dump_json(indent=2) + "\n")
 
+
+TEMPLATE_FILE = "template.json"
+"""The template the model renders its inputs with (``rlhf.templates``); absent: the default."""
 
 ADAPTERS_FILE = "adapters.safetensors"
 """The trained tensors of a PEFT part that does not merge (BitFit, bottleneck), beside the backbone."""
@@ -250,22 +258,25 @@ def _chunks(groups: list[tuple[list[int], int]], size: int) -> list[list[tuple[l
     return chunks
 
 
-def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig) -> RewardModel:
+def build_reward_model(cfg: RewardConfig, policy_model: ModelConfig, template: PromptTemplate = DEFAULT_TEMPLATE) -> RewardModel:
     """A fresh reward model on ``cfg.model`` (or the policy's starting weights), with the PEFT
-    part of ``cfg.lora`` (any kind) if configured; the head is drawn from ``cfg.seed`` without touching the global RNG."""
+    part of ``cfg.lora`` (any kind) if configured; the head is drawn from ``cfg.seed`` without
+    touching the global RNG. ``template`` renders its inputs (the policy's, so both read the
+    same text); an encoder reward model reads (prompt, response) as a plain text pair."""
     if cfg.backbone == "encoder":
         from rlhf.reward.encoder import build_encoder_reward_model
 
         return build_encoder_reward_model(cfg)  # type: ignore[return-value]  # RewardModel's interface
     model_cfg = cfg.model or policy_model
     tokenizer = load_tokenizer(model_cfg)
+    check_template(tokenizer, template, "the reward model")
     backbone: nn.Module = load_backbone(model_cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = ValueHead(int(backbone.config.hidden_size), cfg.head_init_std)
     if cfg.lora is not None and cfg.lora.enabled:
         backbone = apply_lora(backbone, cfg.lora, task_type=None)
-    return RewardModel(backbone, head, tokenizer, cfg)
+    return RewardModel(backbone, head, tokenizer, cfg, template)
 
 
 def load_reward_model(directory: str | Path) -> RewardModel:
@@ -290,6 +301,8 @@ def load_reward_model(directory: str | Path) -> RewardModel:
     head = ValueHead(int(backbone.config.hidden_size))
     head.linear.weight.data.copy_(tensors["weight"])
     head.linear.bias.data.copy_(tensors["bias"])
-    model = RewardModel(backbone.eval(), head, tokenizer, cfg)
+    template_file = directory / TEMPLATE_FILE
+    template = PromptTemplate.model_validate_json(template_file.read_text()) if template_file.exists() else DEFAULT_TEMPLATE
+    model = RewardModel(backbone.eval(), head, tokenizer, cfg, template)
     model.offset.fill_(float(tensors["offset"][0]))
     return model

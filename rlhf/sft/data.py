@@ -4,8 +4,8 @@ response, right-padded, with a loss mask on the response tokens only.
 The layout is the PPO batch's (``rlhf.ppo.rollout``): ``sequences`` is the prompt padded on
 the left to P tokens followed by the response padded on the right to T tokens, so the same
 forward pass (``response_logprobs``: the LM head only at the T response positions) serves
-both. The prompt is written by the tokenizer's chat template with the assistant turn opened,
-as the generation server writes it; the response is the demonstration's text followed by the
+both. The prompt is rendered by the run's template (``rlhf.templates.render_prompt``: the
+tokenizer's chat template, the assistant turn opened), as the generation server renders it; the response is the demonstration's text followed by the
 end-of-turn token, so the policy also learns where to stop.
 """
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, render_prompt
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,10 @@ class SFTBatch:
         return self.loss_mask.shape[1]
 
 
-def prompt_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """The user turn and the opened assistant turn, as token ids; the last ``max_tokens``."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+def prompt_ids(tokenizer, prompt: str, max_tokens: int, template: PromptTemplate = DEFAULT_TEMPLATE) -> list[int]:
+    """The rendered prompt (the template's turns, the user turn, the opened assistant turn), as
+    token ids; the last ``max_tokens``."""
+    text = render_prompt(tokenizer, prompt, template)
     return tokenizer(text, add_special_tokens=False).input_ids[-max_tokens:]
 
 
@@ -68,15 +71,16 @@ def make_batch(
     max_response_tokens: int,
     device: torch.device | str = "cpu",
     filler: Demonstration | None = None,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
 ) -> SFTBatch:
-    """Token batch of ``demos``; a ``None`` row is padding: a copy of ``filler`` (default: the
-    first real row) with a zero loss mask. Padding keeps the ranks' forward and backward
-    passes in step and adds nothing to the loss."""
+    """Token batch of ``demos``, prompts rendered by ``template``; a ``None`` row is padding: a
+    copy of ``filler`` (default: the first real row) with a zero loss mask. Padding keeps the
+    ranks' forward and backward passes in step and adds nothing to the loss."""
     real = filler or next((d for d in demos if d is not None), None)
     if real is None:
         raise ValueError("a batch of padding only needs a filler demonstration")
     rows = [(d or real, 0.0 if d is None else d.weight) for d in demos]
-    prompts = [prompt_ids(tokenizer, d.prompt, max_prompt_tokens) for d, _ in rows]
+    prompts = [prompt_ids(tokenizer, d.prompt, max_prompt_tokens, template) for d, _ in rows]
     responses = [response_ids(tokenizer, d.response, max_response_tokens) for d, _ in rows]
     P = max(len(p) for p in prompts)
     T = max(len(r) for r in responses)

@@ -157,7 +157,7 @@ def _micro_batches(trainer: PPOTrainer, minibatch: list[Demonstration], cfg: SFT
     mine = padded[rank * gas * rows : (rank + 1) * gas * rows]
     for i in range(gas):
         yield make_batch(trainer.tokenizer, mine[i * rows : (i + 1) * rows], cfg.max_prompt_tokens,
-                         cfg.max_response_tokens, trainer.dist.device, filler=minibatch[0])
+                         cfg.max_response_tokens, trainer.dist.device, filler=minibatch[0], template=trainer.template)
 
 
 def _nll_sum(policy, batch: SFTBatch) -> Tensor:

@@ -25,6 +25,7 @@ from rlhf.eval.records import EvalItem
 from rlhf.models import LoraConfig, ModelConfig
 from rlhf.reward.config import RewardConfig
 from rlhf.storage import CheckpointStorage
+from rlhf.templates import PromptTemplate
 from services.generation.config import GenerationConfig
 
 
@@ -38,6 +39,7 @@ class Sections(BaseModel):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    template: PromptTemplate = Field(default_factory=PromptTemplate)
     eval: EvalConfig | None = None
 
 
@@ -129,45 +131,44 @@ def resolve_source(spec: str, option: str, config: RunConfigFile | None, model_n
 
 def load_prompts_for(spec: str, config: RunConfigFile | None, limit: int | None) -> list[tuple[str, str | None]]:
     """(prompt, category) pairs: `held-out` (the config's evaluation split, as the loop splits
-    it) or a JSONL / Parquet file with `prompt` and optional `category`."""
-    from rlhf.prompts import load_prompts, split_prompts
+    it, with the categories of the config's prompt sources) or a JSONL / Parquet file with
+    `prompt` and optional `category` (read by `rlhf.prompts`, as the loop reads prompt sources)."""
+    from rlhf.config import PromptSource
+    from rlhf.prompts import PromptSourceError, load_prompt_set, read_prompts, split_prompts
 
     if spec == "held-out":
         if config is None:
             raise SourceError("--prompts held-out: needs --config or a run on either side")
         d = config.sections.data
-        found = [(p, None) for p in split_prompts(load_prompts(d), d.validation_fraction, d.split_seed).evaluation]
+        found = [(p.text, p.category) for p in split_prompts(load_prompt_set(d), d.validation_fraction, d.split_seed).evaluation]
         if not found:
             raise SourceError(f"--prompts held-out: {config.path}: the evaluation split is empty (data.validation_fraction)")
     else:
         path = Path(spec)
         if not path.is_file():
             raise SourceError(f"--prompts {spec}: not 'held-out' nor a file")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-            where = [f"{path}: row {i}" for i in range(len(rows))]
-        else:
-            rows, where = [], []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise SourceError(f"--prompts {path}:{number}: {err}") from None
-                    where.append(f"{path}:{number}")
-        found = []
-        for row, at in zip(rows, where):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise SourceError(f"--prompts {at}: prompt: a non-empty string is required")
-            category = row.get("category")
-            if category is not None and not isinstance(category, str):
-                raise SourceError(f"--prompts {at}: category: must be a string")
-            found.append((row["prompt"], category))
+        kind = "parquet" if path.suffix == ".parquet" else "jsonl"
+        try:
+            source = PromptSource(kind=kind, path=path, field="prompt", category_field=_category_field(path, kind))
+            found = [(p.text, p.category) for p in read_prompts(source, "--prompts")]
+        except PromptSourceError as err:
+            raise SourceError(f"--prompts {err.detail}") from None
         if not found:
             raise SourceError(f"--prompts {spec}: no prompts")
     return found[:limit] if limit else found
+
+
+def _category_field(path: Path, kind: str) -> str | None:
+    """`category` when the file can have it: every JSONL file (a line may leave it out), a
+    Parquet file with that column."""
+    if kind == "jsonl":
+        return "category"
+    import pyarrow.parquet as pq
+
+    try:
+        return "category" if "category" in pq.read_schema(path).names else None
+    except (OSError, ValueError):
+        return None  # not Parquet: the reader says so
 
 
 # -- answering ---------------------------------------------------------------------------
@@ -188,17 +189,17 @@ def load_local(source: PolicySource):
 
     cfg = source.config.sections  # type: ignore[union-attr]
     if source.kind == "base":
-        return PolicyEngine(cfg.model, None, cfg.generation.max_prompt_tokens)
+        return PolicyEngine(cfg.model, None, cfg.generation.max_prompt_tokens, template=cfg.template)
     version, tensors, adapters_only = read_policy(source.storage, f"{source.checkpoint}/policy")  # type: ignore[arg-type]
     if adapters_only and not cfg.lora.enabled:
         raise SourceError(f"{source.label}: the checkpoint holds adapters but the run's lora section is off")
-    engine = PolicyEngine(cfg.model, cfg.lora if adapters_only else None, cfg.generation.max_prompt_tokens)
+    engine = PolicyEngine(cfg.model, cfg.lora if adapters_only else None, cfg.generation.max_prompt_tokens, template=cfg.template)
     engine.load_weights(WeightUpdate(max(1, version), tensors, adapters_only))
     return engine
 
 
 def local_answers(engine, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers in the chat template (the loop's evaluation requests)."""
+    """Greedy answers in the run's template (the loop's evaluation requests)."""
     from services.generation.config import SamplingDefaults
     from services.generation.engine import GenerateRequest
 

@@ -211,13 +211,14 @@ def _reward_source(spec, a, b, config):
     rel = f"{source.checkpoint}/reward_model"
     if source.storage.read_text(f"{rel}/rounds.txt") is None:  # written by every reward-model checkpoint
         fail(f"--judge reward-model: {source.storage.location(rel)}: no reward-model checkpoint")
-    return source.storage, rel, source.config.sections.reward, source.config.sections.model, source.label
+    sections = source.config.sections
+    return source.storage, rel, sections.reward, sections.model, source.label, sections.template
 
 
-def _load_reward_model(storage, rel, reward_cfg, model_cfg, label):
+def _load_reward_model(storage, rel, reward_cfg, model_cfg, label, template):
     from rlhf.eval.checkpoints import load_checkpointed_reward_model
 
-    return load_checkpointed_reward_model(storage, rel, reward_cfg, model_cfg), f"{label}/reward_model"
+    return load_checkpointed_reward_model(storage, rel, reward_cfg, model_cfg, template), f"{label}/reward_model"
 
 
 def _human_setup(eval_cfg, store_url, feedback_address, token):

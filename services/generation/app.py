@@ -3,8 +3,8 @@ or a KubeRay RayService (deploy/), serving the policy of a run's last checkpoint
 
     serve run services.generation.app:app config=configs/cluster-gpu-8b.yaml checkpoints=/mnt/runs/hitl-8b/checkpoints
 
-`config` is a run profile (or a run's config.json): only its `model`, `lora` and `generation`
-sections are read. `checkpoints` (optional) is the run's checkpoint storage, a path or a URI
+`config` is a run profile (or a run's config.json): only its `model`, `lora`, `generation` and
+`template` sections are read. `checkpoints` (optional) is the run's checkpoint storage, a path or a URI
 (`coordinator.storage`, default `<run_dir>/checkpoints`); without it the base model is served.
 The ingress replica starts the engines itself (they live and die with it), then loads the
 policy that the LATEST checkpoint names (rlhf/storage.py `write_policy`).
@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.models import LoraConfig, ModelConfig
+from rlhf.templates import PromptTemplate
 from services.generation.config import GenerationConfig
 from services.generation.server import EngineSpec, build_app
 
@@ -35,7 +36,7 @@ def engine_spec(args: dict) -> EngineSpec:
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     sections = {}
-    for name, model in (("model", ModelConfig), ("lora", LoraConfig), ("generation", GenerationConfig)):
+    for name, model in (("model", ModelConfig), ("lora", LoraConfig), ("generation", GenerationConfig), ("template", PromptTemplate)):
         try:
             sections[name] = model.model_validate(data.get(name) or {})
         except Exception as err:  # pydantic's message names the field inside the section

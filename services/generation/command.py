@@ -5,7 +5,7 @@ without running the loop.
     hitl generation serve runs/local-0001                 # a run's latest checkpointed policy
     hitl generation serve RUN_DIR --port 8100 --address auto
 
-A run directory's config.json gives the model, LoRA and generation sections and its
+A run directory's config.json gives the model, LoRA, generation and template sections and its
 checkpoints (`coordinator.storage`, default `<run_dir>/checkpoints`); a config file gives the
 base model. The routes are those of the loop's server (OpenAI-compatible, API keys and TLS as
 the `generation` section says, closed off the loopback address).

@@ -18,6 +18,7 @@ from rlhf.models import LoraConfig, ModelConfig, load_policy
 from rlhf.models.packed import keep_packs
 from rlhf.ppo.rollout import RolloutBatch, RolloutRequest, rollout
 from rlhf.sync import DEFAULT_BUCKET_BYTES, WeightLayout
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, check_template, render_chat
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,14 @@ def check_update(update: WeightUpdate, targets: Mapping[str, torch.Tensor], lora
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(targets[name].shape)}")
 
 
-def prompt_text(tokenizer, request: GenerateRequest) -> str:
-    """What the policy continues for a request: the raw prompt, or the messages in the chat
-    template with the assistant's turn opened."""
+def prompt_text(tokenizer, request: GenerateRequest, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
+    """What the policy continues for a request: the raw prompt, or the messages rendered by the
+    run's template (``rlhf.templates.render_chat``: its system prompt unless the messages bring
+    one, its few-shot turns, the chat template, the assistant's turn opened), as rollouts and
+    SFT render prompts."""
     if request.messages is None:
         return request.prompt or ""
-    chat = [{"role": role, "content": content} for role, content in request.messages]
-    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return render_chat(tokenizer, request.messages, template)
 
 
 class PolicyEngine:
@@ -130,8 +132,10 @@ class PolicyEngine:
     """
 
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig | None, max_prompt_tokens: int = 512,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", template: PromptTemplate = DEFAULT_TEMPLATE):
         self.model, self.tokenizer = load_policy(model_cfg, lora)
+        check_template(self.tokenizer, template, "the policy")
+        self.template = template
         self.model.to(device)
         self.model.eval()
         # updates are copied into the parameters (load_weights), which moves their version
@@ -207,7 +211,7 @@ class PolicyEngine:
     # -- generation ---------------------------------------------------------------
 
     def prompt_text(self, request: GenerateRequest) -> str:
-        return prompt_text(self.tokenizer, request)
+        return prompt_text(self.tokenizer, request, self.template)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerateRequest], defaults,

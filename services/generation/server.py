@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rlhf.models import LoraConfig, ModelConfig
+from rlhf.templates import PromptTemplate
 from services.generation.config import GenerationConfig
 from services.generation.engine import GenerateRequest, GenerateResult, StaleWeights
 from services.generation.engines import EngineGroup, StreamDelta
@@ -60,6 +61,8 @@ class EngineSpec(BaseModel):
     generation: GenerationConfig
     checkpoints: str | None = None
     """A run's checkpoint storage (path or URI): the policy of its LATEST checkpoint is served."""
+    template: PromptTemplate = PromptTemplate()
+    """The run's prompt template: chat requests are rendered as the run rendered its prompts."""
 
     def start(self) -> EngineGroup:
         """The engines (children of the calling actor), serving the checkpoint's policy."""
@@ -76,7 +79,8 @@ class EngineSpec(BaseModel):
             update = WeightUpdate(version, tensors, adapters_only)
             log.info("serving policy version %d from %s", version, storage.location(latest))
         g = self.generation
-        engines = EngineGroup.start(self.model, self.lora if self.lora.enabled else None, g, [replica_options(g)] * g.replicas)
+        engines = EngineGroup.start(self.model, self.lora if self.lora.enabled else None, g, [replica_options(g)] * g.replicas,
+                                    template=self.template)
         if update is not None:
             ray.get([e.update_weights.remote(update) for e in engines.engines])
         return engines
@@ -470,12 +474,15 @@ def _publisher(fresh: bool = False):
 
 
 def start_engines(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, cfg: GenerationConfig,
-                  options: list[dict[str, Any]] | None = None, simulated_gpus: bool = False) -> EngineGroup:
-    """The engine group (`cfg.replicas` engines, each with Ray actor `options[i]`); with
-    `weight_sync: object_store` they follow the weight broadcaster."""
+                  options: list[dict[str, Any]] | None = None, simulated_gpus: bool = False,
+                  template: PromptTemplate | None = None) -> EngineGroup:
+    """The engine group (`cfg.replicas` engines, each with Ray actor `options[i]`, rendering chat
+    requests with the run's `template`); with `weight_sync: object_store` they follow the weight
+    broadcaster."""
     if cfg.weight_sync == "object_store":
         _publisher(fresh=True)  # creates the broadcaster (or finds it) before the engines look for it
-    engines = EngineGroup.start(model_cfg, lora_cfg, cfg, options or [replica_options(cfg)] * cfg.replicas, simulated_gpus)
+    engines = EngineGroup.start(model_cfg, lora_cfg, cfg, options or [replica_options(cfg)] * cfg.replicas, simulated_gpus,
+                                template=template)
     if cfg.weight_sync == "object_store":
         engines.follow_broadcaster()
     return engines

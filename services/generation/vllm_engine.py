@@ -51,6 +51,7 @@ import torch
 from rlhf.models import LoraConfig, ModelConfig
 from rlhf.ppo.rollout import RolloutBatch, RolloutRequest, rollout_texts
 from rlhf.sync import DEFAULT_BUCKET_BYTES, WeightLayout
+from rlhf.templates import DEFAULT_TEMPLATE, PromptTemplate, check_template
 from services.generation.config import VllmConfig
 from services.generation.engine import (
     GenerateRequest,
@@ -137,7 +138,8 @@ class VllmPolicyEngine:
     """The `vllm` engine backend (see the module docstring)."""
 
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig | None, max_prompt_tokens: int = 512,
-                 device: torch.device | str = "cpu", options: VllmConfig | None = None):
+                 device: torch.device | str = "cpu", options: VllmConfig | None = None,
+                 template: PromptTemplate = DEFAULT_TEMPLATE):
         from rlhf.models.loading import load_tokenizer
         from rlhf.ppo.rollout import eos_token_ids
 
@@ -153,6 +155,8 @@ class VllmPolicyEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
         self.tokenizer = load_tokenizer(model_cfg)
+        check_template(self.tokenizer, template, "the policy")
+        self.template = template
         self._workdir = Path(tempfile.mkdtemp(prefix="hitl-vllm-"))  # LoRA adapters written for vLLM to read
         weakref.finalize(self, shutil.rmtree, self._workdir, True)  # removed with the engine, or at exit
         model_dir = materialise(model_cfg)
@@ -267,7 +271,7 @@ class VllmPolicyEngine:
         prompts, params = [], []
         for r in requests:
             s = r.sampling
-            texts = rollout_texts(self.tokenizer, list(r.prompts), s.chat_template)
+            texts = rollout_texts(self.tokenizer, list(r.prompts), s.chat_template, s.template)
             for text, index in zip(texts, r.sample_indices):
                 prompts.append(self._ids(text)[-s.max_prompt_tokens :])
                 params.append(self._params(
@@ -293,7 +297,7 @@ class VllmPolicyEngine:
     # -- generation ---------------------------------------------------------------
 
     def prompt_text(self, request: GenerateRequest) -> str:
-        return prompt_text(self.tokenizer, request)
+        return prompt_text(self.tokenizer, request, self.template)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerateRequest], defaults,

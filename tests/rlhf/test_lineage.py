@@ -79,3 +79,15 @@ def test_a_version_republished_by_a_restore_carries_the_restored_versions_record
     saved = json.loads((tmp_path / "lineage" / "policy-v0004.json").read_text())
     assert saved["republished_from"] == 2 and saved["feedback"] == {"watermark_to": 40} and saved["round"] == 1
     assert republished_lineage(tmp_path, policy_version=1, same_as=0)["note"] == "the initial weights"
+
+
+def test_a_policy_versions_lineage_names_its_prompt_template():
+    cfg = RunConfig(template={"name": "pirate", "system": "You answer like a pirate."})
+    record = policy_lineage(
+        policy_version=1, parent_version=0, round_=0, cfg=cfg, config_json=cfg.model_dump_json(), project="proj",
+        watermark_from=0, watermark_to=1, curated=Curated(), reward_model={}, reward_report={}, sft_report={},
+        ppo_metrics=[], train_prompts=["a"],
+    )
+    assert record["template"]["version"] == cfg.template.version != RunConfig().template.version
+    assert record["template"]["name"] == "pirate" and record["template"]["system"] == "You answer like a pirate."
+    assert json.loads(cfg.model_dump_json())["template"]["version"] == cfg.template.version  # config.json too

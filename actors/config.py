@@ -1,7 +1,7 @@
 """The run configuration: the RLHF core's sections plus where and how the loop runs.
 
 `configs/<profile>.yaml` files are `RunConfig`s: the sections of `rlhf.config.RLHFConfig`
-(model, lora, critic, reward, ppo, deepspeed, sft, data) and, for the loop on Ray, `cluster`,
+(model, lora, critic, reward, ppo, deepspeed, sft, data, template) and, for the loop on Ray, `cluster`,
 `feedback`, `generation`, `coordinator`, `annotators` and `curation`. Each section is its own model;
 a wrong key names its dotted path at load, before anything starts.
 """
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlhf.config import RLHFConfig
 from rlhf.curation.config import CurationConfig
+from rlhf.distill.config import DistillConfig
 from rlhf.eval.config import EvalConfig
 from rlhf.models.config import CriticConfig, LoraConfig, ModelConfig
 from rlhf.po.config import POConfig
@@ -24,6 +25,8 @@ from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
 from rlhf.quality import AnnotatorQualityConfig
 from rlhf.reward.config import RewardConfig
 from rlhf.sft.config import SFTConfig
+from rlhf.templates import PromptTemplate
+from rlhf.tracking import TrackingConfig
 from services.feedback.config import FeedbackServiceConfig
 from services.feedback.simulated import AnnotatorConfig
 from services.generation.config import GenerationConfig
@@ -213,6 +216,8 @@ class RewardModelSpec(BaseModel):
     policy_model: ModelConfig
     """The policy's model: the reward model's backbone unless `reward` names its own."""
     resources: RewardModelResources
+    template: PromptTemplate = PromptTemplate()
+    """The run's prompt template: the reward model reads (prompt, answer) as the policy's prompts are rendered."""
 
 
 class TrainerSpec(BaseModel):
@@ -229,6 +234,8 @@ class TrainerSpec(BaseModel):
     sft: SFTConfig
     po: POConfig = POConfig()
     group: TrainerGroupConfig
+    template: PromptTemplate = PromptTemplate()
+    """The run's prompt template (rollouts, SFT and DPO batches)."""
 
 
 class RunConfig(RLHFConfig):
@@ -242,6 +249,12 @@ class RunConfig(RLHFConfig):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     """What curation removes before training (duplicates, old guideline versions; flags always)
     and how ratings become pairs."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Where the run's metrics go besides its reports: TensorBoard event files in the run
+    directory (default), MLflow when `mlflow_tracking_uri` is set (rlhf/tracking.py)."""
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    """`hitl distill`'s settings when it is given this config (rlhf/distill/config.py); the
+    loop does not read them."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """The judges of each round's evaluation (the new policy against the initial one on the
     held-out prompts), as `hitl eval` has them (rlhf/eval/). `rule` without `eval.rule` judges by
@@ -251,11 +264,12 @@ class RunConfig(RLHFConfig):
 
     def reward_model_spec(self) -> RewardModelSpec:
         return RewardModelSpec(reward=self.reward, policy_model=self.model, resources=self.cluster.reward_model,
-                               simulate_gpus=self.cluster.simulate_gpus)
+                               simulate_gpus=self.cluster.simulate_gpus, template=self.template)
 
     def trainer_spec(self) -> TrainerSpec:
         return TrainerSpec(model=self.model, lora=self.lora, critic=self.critic, ppo=self.ppo, deepspeed=self.deepspeed,
-                           sft=self.sft, po=self.po, group=self.cluster.trainer, simulate_gpus=self.cluster.simulate_gpus)
+                           sft=self.sft, po=self.po, group=self.cluster.trainer, simulate_gpus=self.cluster.simulate_gpus,
+                           template=self.template)
 
     @model_validator(mode="after")
     def _check_run(self) -> "RunConfig":

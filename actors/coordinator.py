@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from actors.config import CoordinatorConfig, RunConfig, run_config_json
 from hitl.feedback.v1 import feedback_pb2 as pb
@@ -109,9 +109,15 @@ class Progress:
         self.rounds = rounds
         self.fields: dict[str, str] = {}
         self.tty = sys.stderr.isatty()
+        self.sinks: list[Callable[..., None]] = []  # also told every update: the status board, the metrics
 
     def update(self, **values: Any) -> None:
         self.fields.update({k: (f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in values.items()})
+        for sink in self.sinks:
+            try:
+                sink(**values)
+            except Exception:  # noqa: BLE001 - observing the run must never stop it
+                log.debug("a progress sink failed", exc_info=True)
         if not self.enabled:
             return
         line = " | ".join(f"{k} {v}" for k, v in self.fields.items())
@@ -127,10 +133,12 @@ class Progress:
 
 
 class Coordinator:
-    def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False):
+    def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
+                 on_round: Callable[[RoundReport], None] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.coordinator.run_dir)
         self.resume = resume
+        self.on_round = on_round
         self.state = RunState()
         self.progress = Progress(cfg.coordinator.progress, cfg.coordinator.rounds)
         self._annotator_stop = threading.Event()
@@ -151,15 +159,46 @@ class Coordinator:
         self._start()
         self.identity = self._run_identity()
         self.state.watermark = self.identity["start_watermark"]
+        self._observe()
+        state = "failed"
         try:
             if self.resume:
                 self._restore()
             else:
                 self._initial_eval()
-            return self._rounds()
+            reports = self._rounds()
+            state = "stopped early" if self.state.stopped else "finished"
+            return reports
+        except BaseException as err:
+            self.board.error(f"{type(err).__name__}: {err}")
+            raise
         finally:
+            self.board.update(stopped=self.state.stopped)
+            self.board.finish(state)
+            self.tracker.close()
             self.progress.close()
             self.shutdown()
+
+    def _observe(self) -> None:
+        """The status board (`hitl status`), the coordinator's Prometheus series and the
+        experiment tracker (TensorBoard, MLflow), all fed from progress updates and round reports."""
+        from actors.status import StatusBoard
+        from rlhf.tracking import Tracker, flatten
+        from services.telemetry import coordinator_metrics
+
+        run_id = self.identity["run_id"] or self.run_dir.name
+        self.board = StatusBoard(self.run_dir, run_id, self.cfg.coordinator.rounds)
+        metrics = coordinator_metrics()
+
+        def telemetry(**values: Any) -> None:
+            if "stage" in values:
+                metrics.record({"stage": values["stage"], "watermark": self.state.watermark,
+                                "policy_version": self.state.policy_version,
+                                "feedback_lag": max(0, self.store.watermark() - self.state.watermark)}, run=run_id)
+
+        self.progress.sinks += [self.board.update, telemetry]
+        params = {k: v for k, v in flatten(json.loads(run_config_json(self.cfg))).items() if not isinstance(v, dict)}
+        self.tracker = Tracker(self.cfg.tracking, self.run_dir, run_name=f"{self.run_dir.name}-{run_id}".strip("-"), params=params)
 
     def _rounds(self) -> list[RoundReport]:
         """Run the remaining rounds; a lost actor restarts the round from the last checkpoint."""
@@ -169,7 +208,10 @@ class Coordinator:
         while self.state.next_round < self.cfg.coordinator.rounds and not self.state.stopped:
             try:
                 reports.append(self.round(self.state.next_round))
+                if self.on_round is not None:
+                    self.on_round(reports[-1])  # e.g. a `hitl tune` trial reporting to Tune
             except Exception as err:  # noqa: BLE001 - only the faults below are recovered from
+                self.board.error(f"round {self._round_running}: {type(err).__name__}: {err}")
                 if not recoverable(err) and not self._lost_a_role():
                     raise
                 failures += 1
@@ -211,7 +253,8 @@ class Coordinator:
         from services.generation.server import start_engines, start_generation_server
 
         c, g = self.cfg.cluster, self.cfg.generation
-        self.engines = start_engines(self.cfg.model, self.cfg.lora, g, self.placement.engine_options(g), c.simulate_gpus)  # [3]
+        self.engines = start_engines(self.cfg.model, self.cfg.lora, g, self.placement.engine_options(g), c.simulate_gpus,
+                                     template=self.cfg.template)  # [3]
         self.generation = start_generation_server(self.cfg.model, self.cfg.lora, g, http=True, engines=self.engines)
         self.reward_model = RewardModelGroup.start(self.cfg.reward_model_spec(), self.placement.reward_model_options(),
                                                    self.cfg.coordinator.call_timeout_s)  # [4]
@@ -396,12 +439,28 @@ class Coordinator:
         self.state.stopped = run_stop_reason(self.state.reports, self.cfg.coordinator)
         if self.state.stopped:
             log.info("stopping the run early: %s", self.state.stopped)
+        self._record_round(report)
         stage("checkpoint", self.checkpoint, r)
         report.stage_seconds = times
         self.state.reports[-1] = asdict(report)
         self._write_reports()
         self.progress.update(reward=report.reward or 0.0, kl=report.kl or 0.0, win_rate=rate, stage="done")
         return report
+
+    def _record_round(self, report: RoundReport) -> None:
+        """The round's figures to the tracker, the coordinator's series and the status board."""
+        from rlhf.tracking import round_scalars
+        from services.telemetry import coordinator_metrics
+
+        values = asdict(report)
+        self.tracker.log(round_scalars(values), step=report.round)
+        self.tracker.flush()
+        accuracy = (report.reward_model or {}).get("validation_accuracy")
+        coordinator_metrics().record({"round": report.round, "watermark": report.watermark_to, "policy_version": report.policy_version,
+                                      "win_rate": report.win_rate, "reward_accuracy": accuracy}, run=self.board.record["run_id"])
+        self.board.update(round=f"{report.round + 1}/{self.cfg.coordinator.rounds}", policy_version=report.policy_version,
+                          watermark=report.watermark_to, win_rate=report.win_rate, reward_accuracy=accuracy,
+                          feedback_to_policy_s=report.feedback_to_policy_s, feedback=dict(report.feedback))
 
     def publish_tasks(self, r: int) -> int:
         c = self.cfg.coordinator
@@ -419,7 +478,7 @@ class Coordinator:
                 task_id=task_id, project=self.cfg.feedback.project, prompt_id=_prompt_id(prompt), prompt=prompt,
                 candidates=tuple(pb.Candidate(candidate_id=f"{task_id}-{j}", text=shown_text(t),
                                               policy_version=res.policy_version) for j, t in enumerate(res.texts)),
-                annotations_wanted=c.annotations_per_task,
+                annotations_wanted=c.annotations_per_task, metadata=self.cfg.template.task_metadata(),
             ))
         tasks = self.quality.mix_gold(r, tasks)  # gold tasks at coordinator.quality.gold_rate
         outcomes = self.store.add_tasks(tasks)
@@ -584,6 +643,7 @@ class Coordinator:
             batch = [self.train_prompts[(k + i) % len(self.train_prompts)] for i in range(p.rollout_batch_size)]
             m = self.trainers.step(batch)
             metrics.append(m)
+            self.tracker.log({f"ppo/{k}": v for k, v in m.items()}, step=int(m.get("iteration", len(metrics))))
             self.progress.update(ppo=f"{it + 1}/{c.ppo_iterations_per_round}", reward=m.get("reward", 0.0), kl=m.get("kl", 0.0))
             stop = ppo_stop_reason(metrics, c)
             if stop and it + 1 < c.ppo_iterations_per_round:

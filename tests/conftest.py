@@ -84,6 +84,7 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
+            _system_config={"metrics_report_interval_ms": 2000},  # the loop test scrapes every role's series
         )
     yield ray
     try:

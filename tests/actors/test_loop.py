@@ -73,6 +73,18 @@ def _check_observability(run_dir, scraped: set[str], reports) -> None:
     assert status["last_error"] is None and status["metrics"]["win_rate"] == reports[-1].win_rate
     shown = CliRunner().invoke(main, ["status", str(run_dir)])
     assert shown.exit_code == 0 and "state       finished" in shown.output and "policy      v2" in shown.output, shown.output
+    # the same record from the cluster's key-value store, read by a process that only has the address
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    listed = subprocess.run([sys.executable, "-m", "hitl.cli", "status", "--json", "--address", ray.get_runtime_context().gcs_address,
+                             status["run_id"]], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    (remote,) = json.loads(listed.stdout)
+    assert remote == status
 
 
 @pytest.mark.slow

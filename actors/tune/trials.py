@@ -12,6 +12,7 @@ store, simulated annotators), reporting after every round.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +85,15 @@ def loop_trial(values: dict[str, Any], *, base: dict, metric: str, kl_budget: fl
     data.setdefault("coordinator", {}).update(run_dir=str(trial_dir / "run"), storage=None, progress=False)
     data.setdefault("feedback", {}).setdefault("service", {})["store"] = f"sqlite:///{trial_dir / 'feedback.db'}"
     # out of the trial's placement group: the loop places its own actors, as `hitl run` does
-    runner = LoopRunner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote()
+    runner = _loop_runner().options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote()
     for ref in runner.rounds.remote(data):
         round_report = ray.get(ref)
         tune.report({**objectives(round_report, kl_budget), "round": round_report["round"] + 1})
 
 
+@functools.cache
 def _loop_runner():
+    """The actor class, made on first use (importing this module needs no Ray)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -125,18 +128,6 @@ def _loop_runner():
                 raise failure[0]
 
     return LoopRunner
-
-
-class _Lazy:
-    """`LoopRunner` is built on first use, so importing this module needs no Ray."""
-
-    def __getattr__(self, name: str):
-        global LoopRunner
-        LoopRunner = _loop_runner()
-        return getattr(LoopRunner, name)
-
-
-LoopRunner: Any = _Lazy()
 
 
 def objectives(report: dict, kl_budget: float | None) -> dict[str, float]:

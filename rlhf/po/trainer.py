@@ -39,7 +39,7 @@ from rlhf.po.losses import dpo_loss, ipo_loss, kto_loss
 from rlhf.ppo.rollout import response_logprobs, sample_seed
 from rlhf.ppo.trainer import PPOTrainer, _all_reduce_sum
 from rlhf.sft.data import Demonstration, make_batch
-from rlhf.sft.trainer import _chunks, _learning_rate, _policy
+from rlhf.sft.trainer import _chunks, _learning_rate, _policy, epoch_order
 
 _ORDER_STREAM = 3_000_000  # sample_seed index offset of the epoch orders (SFT uses 2_000_000+)
 
@@ -90,8 +90,7 @@ def run_preference_optimisation(trainer: PPOTrainer, examples: Sequence[Example]
     engine.train()
     with _learning_rate(engine, cfg.lr):
         for epoch in range(cfg.epochs):
-            g = torch.Generator().manual_seed(sample_seed(cfg.seed, trainer.iteration, _ORDER_STREAM + epoch))
-            order = [examples[i] for i in torch.randperm(len(examples), generator=g).tolist()]
+            order = epoch_order(examples, cfg.seed, trainer.iteration, _ORDER_STREAM + epoch)
             loss_sum, weight = 0.0, 0.0
             for minibatch in _chunks(order, cfg.batch_size):
                 step_loss, step_weight = _train_minibatch(trainer, minibatch, cfg)

@@ -99,9 +99,15 @@ def split_validation(demos: list[Demonstration], cfg: SFTConfig) -> tuple[list[D
     return (train, held_out) if train and held_out else (demos, [])
 
 
+def epoch_order(items: Sequence, seed: int, iteration: int, stream: int) -> list:
+    """`items` shuffled for one epoch, the same on every rank (seeded by seed, the trainer's
+    iteration and the epoch's stream index)."""
+    g = torch.Generator().manual_seed(sample_seed(seed, iteration, stream))
+    return [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+
+
 def _train_epoch(trainer: PPOTrainer, demos: list[Demonstration], cfg: SFTConfig, epoch: int, report: SFTReport) -> None:
-    g = torch.Generator().manual_seed(sample_seed(cfg.seed, trainer.iteration, _ORDER_STREAM + epoch))
-    order = [demos[i] for i in torch.randperm(len(demos), generator=g).tolist()]
+    order = epoch_order(demos, cfg.seed, trainer.iteration, _ORDER_STREAM + epoch)
     loss_sum, tokens = 0.0, 0.0
     for minibatch in _chunks(order, cfg.batch_size):
         step_loss, step_tokens = _train_minibatch(trainer, minibatch, cfg)

@@ -203,6 +203,7 @@ def test_full_weight_updates_reach_every_fused_parameter(backend, ray_session):
         group.shutdown()
 
 
+@pytest.mark.ray  # services.generation.engines imports Ray
 def test_a_missing_backend_is_named(monkeypatch):
     """Where vllm is absent, asking for it fails with the field and what to install."""
     import services.generation.vllm_engine as vllm_engine

@@ -24,6 +24,7 @@ from rlhf.po.config import POConfig
 from rlhf.ppo.config import DeepSpeedConfig, PPOConfig
 from rlhf.quality import AnnotatorQualityConfig
 from rlhf.reward.config import RewardConfig
+from rlhf.selection import SelectionConfig
 from rlhf.sft.config import SFTConfig
 from rlhf.templates import PromptTemplate
 from rlhf.tracking import TrackingConfig
@@ -125,13 +126,48 @@ class FeedbackSection(BaseModel):
         return self
 
 
-class CoordinatorConfig(BaseModel):
-    """How rounds run."""
+class ContinuousConfig(BaseModel):
+    """`coordinator.continuous`: the loop with no rounds (`coordinator.mode: continuous`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    open_tasks: int = Field(16, ge=1)
+    """Judgements the publisher keeps ready to pull (open tasks nobody holds a lease on),
+    written by the newest served policy version."""
+    publish_batch: int = Field(8, ge=1)
+    """Tasks generated per batch while topping up `open_tasks`."""
+    min_feedback_per_step: int = Field(16, ge=1)
+    """New countable judgements (as for `min_feedback_per_round`) that start a training step;
+    a step consumes everything committed by then."""
+    max_policy_lag: int = Field(1, ge=0)
+    """Open tasks written by a version more than this many versions behind the served one are
+    retired (closed without judgements) and the publisher writes new ones by the served
+    version: people's time goes to the policy as it is. Judgements already given on older
+    versions still train the reward model (they judge text, not the policy)."""
+    task_budget: int | None = Field(None, ge=1)
+    """Tasks to publish in all (times `annotations_per_task` judgements); the run ends once all
+    are judged (or retired) and consumed. None: `rounds` x `tasks_per_round`, the same budget a
+    `rounds` run of the same config has."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many training steps even if the budget is not spent; None: no such limit."""
+
+
+class CoordinatorConfig(BaseModel):
+    """How the loop runs: in rounds, or continuously (`mode`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["rounds", "continuous"] = "rounds"
+    """``rounds``: publish `tasks_per_round` tasks, wait for their judgements, train, repeat;
+    annotators wait while the round trains. ``continuous``: a publisher keeps tasks open at
+    all times while training steps consume feedback as it is committed (`continuous`)."""
+    continuous: ContinuousConfig = Field(default_factory=ContinuousConfig)
+    """``continuous`` mode's settings."""
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    """Which pairs become tasks (rlhf/selection.py): ``random`` or ``margin`` (the reward
+    model's least certain pairs, a share kept random), in either mode."""
     rounds: int = Field(3, ge=1)
-    """Rounds to run."""
+    """Rounds to run (``rounds`` mode; in ``continuous`` mode it sets the default judgement budget)."""
     tasks_per_round: int = Field(32, ge=1)
     """Labeling tasks (a prompt and two answers of the current policy) published per round."""
     annotations_per_task: int = Field(1, ge=1)
@@ -190,6 +226,10 @@ class CoordinatorConfig(BaseModel):
     uploads its own files, so no shared disk is needed."""
     progress: bool = True
     """Show a live progress line."""
+
+    def task_budget(self) -> int:
+        """Tasks a ``continuous`` run publishes in all (see `ContinuousConfig.task_budget`)."""
+        return self.continuous.task_budget or self.rounds * self.tasks_per_round
 
 
 class AnnotatorsSection(BaseModel):
@@ -279,10 +319,15 @@ class RunConfig(RLHFConfig):
                 f"({self.cluster.trainer.workers})"
             )
         c = self.coordinator
-        if c.min_feedback_per_round > c.tasks_per_round * c.annotations_per_task:
+        if c.mode == "rounds" and c.min_feedback_per_round > c.tasks_per_round * c.annotations_per_task:
             raise ValueError(
                 f"coordinator.min_feedback_per_round ({c.min_feedback_per_round}) is more than tasks_per_round x "
                 f"annotations_per_task ({c.tasks_per_round} x {c.annotations_per_task}) can ever yield"
+            )
+        if c.mode == "continuous" and c.continuous.min_feedback_per_step > c.task_budget() * c.annotations_per_task:
+            raise ValueError(
+                f"coordinator.continuous.min_feedback_per_step ({c.continuous.min_feedback_per_step}) is more than the "
+                f"judgement budget ({c.task_budget()} tasks x {c.annotations_per_task}) can ever yield"
             )
         if self.generation.backend == "vllm" and self.lora.enabled and self.lora.kind != "lora":
             raise ValueError(f"lora.kind: generation.backend 'vllm' applies LoRA adapters only, not {self.lora.kind!r}; "

@@ -1,6 +1,7 @@
-"""The coordinator: runs the rounds of the loop.
+"""The coordinator: runs the loop, in rounds or continuously.
 
     hitl run configs/local.yaml                # a new run
+    hitl run configs/local-continuous.yaml     # the same, with no rounds (coordinator.mode: continuous)
     hitl run --resume runs/latest              # continue a stopped run from its last checkpoint
 
 One round, top-down (each step a method below):
@@ -9,6 +10,14 @@ One round, top-down (each step a method below):
   the weights to the generation server → evaluate on held-out prompts → checkpoint (the
   feedback watermark included, so a resumed run neither reuses nor skips a record). Each
   pushed version gets a lineage file (rlhf/lineage.py) that its round report names.
+
+Continuous mode has no publish stage and no rounds: a publisher thread (actors/task_feeder.py)
+keeps tasks open at all times, and a training step (the same stages from curate to
+checkpoint, reported like a round) starts whenever `continuous.min_feedback_per_step` new
+judgements are committed, consuming everything up to the store's watermark then. Annotators
+label while steps train; the run ends once its task budget is judged and consumed.
+
+Which pairs become tasks is the selection policy's choice (rlhf/selection.py), in both modes.
 
 Ray enters at: [1] `ray.init` (local cluster or an address), [2] the feedback service
 actor, [3] the engine group (generation: tasks, rollouts, evaluation) and its Serve ingress,
@@ -22,6 +31,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import threading
 import time
@@ -85,6 +95,7 @@ class RoundReport:
     evaluation: dict[str, Any] = field(default_factory=dict)  # per judge: win-rate, 95% interval, W/T/L (eval/round-NNNN/)
     sft: dict[str, Any] = field(default_factory=dict)  # the SFT step on corrections, or why it was skipped
     lineage: str | None = None  # lineage/policy-vNNNN.json under the run directory (rlhf/lineage.py)
+    live: dict[str, Any] = field(default_factory=dict)  # the run as people see it at the step's end (Coordinator._live)
 
 
 @dataclass
@@ -97,6 +108,9 @@ class RunState:
     initial_eval_answers: list[str] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
     reward_model: dict = field(default_factory=dict)  # the reward model's lineage (rlhf.lineage.next_reward_model)
+    elapsed_s: float = 0.0  # the run's wall time up to this checkpoint (across resumes)
+    judgements: int = 0  # countable judgements consumed so far
+    selection: dict = field(default_factory=dict)  # what the selection policy chose so far (rlhf.selection.summarize)
     reward_accuracy: float | None = None  # the reward model's last held-out accuracy, as the gate sees it (gated_accuracy)
     stopped: str | None = None  # why the run ended before its last round (coordinator.win_rate_patience), else None
 
@@ -149,6 +163,11 @@ class Coordinator:
         self._round_evaluation: dict[str, Any] = {}
         self.recoveries: list[dict[str, Any]] = []  # each restart from a checkpoint: round, error
         self._round_running = 0
+        self.feeder = None  # continuous mode's publisher (actors/task_feeder.py)
+        self._session_started = time.time()
+        self._elapsed_base = 0.0
+        self._selection_rng = random.Random(cfg.coordinator.selection.seed)
+        self._selection_lock = threading.Lock()
         self.curation_memory = CurationMemory(cfg.curation)  # flags and used items of the checkpointed rounds
         self.storage = CheckpointStorage(cfg.coordinator.storage or self.run_dir / "checkpoints")
 
@@ -166,6 +185,8 @@ class Coordinator:
                 self._restore()
             else:
                 self._initial_eval()
+            if self.cfg.coordinator.mode == "continuous":
+                self._start_feeder()
             reports = self._rounds()
             state = "stopped early" if self.state.stopped else "finished"
             return reports
@@ -205,9 +226,13 @@ class Coordinator:
 
         reports: list[RoundReport] = []
         failures = 0
-        while self.state.next_round < self.cfg.coordinator.rounds and not self.state.stopped:
+        continuous = self.cfg.coordinator.mode == "continuous"
+        while not self.state.stopped and (continuous or self.state.next_round < self.cfg.coordinator.rounds):
             try:
-                reports.append(self.round(self.state.next_round))
+                report = self.step(self.state.next_round) if continuous else self.round(self.state.next_round)
+                if report is None:  # continuous: the budget is judged and consumed
+                    break
+                reports.append(report)
                 if self.on_round is not None:
                     self.on_round(reports[-1])  # e.g. a `hitl tune` trial reporting to Tune
             except Exception as err:  # noqa: BLE001 - only the faults below are recovered from
@@ -325,7 +350,8 @@ class Coordinator:
         check_store_reach(self.cfg.feedback.service.store, sum(1 for n in ray.nodes() if n["Alive"]),
                           self.cfg.feedback.mode == "embedded")
         check_cluster_gpus(self.cfg, ray.cluster_resources().get("GPU", 0.0))
-        self.progress.update(round=f"0/{self.cfg.coordinator.rounds}", stage="starting")
+        self.progress.update(round="step 0" if self.cfg.coordinator.mode == "continuous" else f"0/{self.cfg.coordinator.rounds}",
+                             stage="starting")
         self.store = open_store(self.cfg.feedback.service.store)
         self.feedback_address = self._start_feedback()  # [2]
         self._start_compute()  # [3]-[6]
@@ -364,6 +390,8 @@ class Coordinator:
             self._annotator_threads.append(thread)
 
     def shutdown(self) -> None:
+        if self.feeder is not None:
+            self.feeder.stop()
         self._annotator_stop.set()
         for t in self._annotator_threads:
             t.join(10)
@@ -385,12 +413,7 @@ class Coordinator:
 
     # -- one round --------------------------------------------------------------------
 
-    def round(self, r: int) -> RoundReport:
-        self._round_running = r
-        times: dict[str, float] = {}
-        total = self.cfg.coordinator.rounds
-        self.progress.update(round=f"{r + 1}/{total}")
-
+    def _stage_timer(self, times: dict[str, float]):
         def stage(name: str, fn, *args):
             self.progress.update(stage=name)
             started = time.perf_counter()
@@ -398,9 +421,36 @@ class Coordinator:
             times[name] = round(time.perf_counter() - started, 3)
             return result
 
-        parent_version = self.state.policy_version
+        return stage
+
+    def round(self, r: int) -> RoundReport:
+        """One round: publish the round's tasks, wait for their judgements, train on them."""
+        self._round_running = r
+        times: dict[str, float] = {}
+        self.progress.update(round=f"{r + 1}/{self.cfg.coordinator.rounds}")
+        stage = self._stage_timer(times)
         stage("publish", self.publish_tasks, r)
         records = stage("feedback", self.wait_for_feedback)
+        return self._train(r, records, times)
+
+    def step(self, r: int) -> RoundReport | None:
+        """One step of continuous mode: wait for `min_feedback_per_step` new judgements (the
+        publisher keeps tasks open meanwhile), then train on everything committed so far;
+        None once the task budget is judged and consumed."""
+        self._round_running = r
+        times: dict[str, float] = {}
+        self.progress.update(round=f"step {r + 1}")
+        records = self._stage_timer(times)("feedback", self.wait_for_step_feedback)
+        if records is None:
+            return None
+        return self._train(r, records, times)
+
+    def _train(self, r: int, records: list, times: dict[str, float]) -> RoundReport:
+        """The stages after the feedback: curate, reward model, SFT, policy update, push,
+        evaluate, checkpoint; the round's (or step's) report."""
+        stage = self._stage_timer(times)
+        parent_version = self.state.policy_version
+        lag = self._judged_version_lag(records, parent_version)
         curated = stage("curate", self.curate, records)
         rm_report = stage("reward_model", self.update_reward_model, curated)
         if "skipped" not in rm_report:
@@ -414,6 +464,7 @@ class Coordinator:
         lineage = self._write_lineage(r, parent_version, records, curated, rm_report, sft_report, ppo)
         served_at = self._first_answer_at(self.state.policy_version)
         rate = stage("evaluate", self.evaluate)
+        self.state.judgements += len(countable_feedback(records, self._paused_annotators(), self.cfg.curation.ratings.enabled))
         report = RoundReport(
             round=r,
             policy_version=self.state.policy_version,
@@ -433,8 +484,10 @@ class Coordinator:
             sft=sft_report,
             lineage=lineage,
         )
+        report.live = self._live(records, lag)
         self.state.watermark = report.watermark_to
         self.state.next_round = r + 1
+        self.state.elapsed_s = self._elapsed()
         self.state.reports.append(asdict(report))
         self.state.stopped = run_stop_reason(self.state.reports, self.cfg.coordinator)
         if self.state.stopped:
@@ -446,6 +499,48 @@ class Coordinator:
         self._write_reports()
         self.progress.update(reward=report.reward or 0.0, kl=report.kl or 0.0, win_rate=rate, stage="done")
         return report
+
+    # -- the run as people see it ---------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        """The run's wall time so far, across resumes (continuous mode's plot has it on its x-axis)."""
+        return round(self._elapsed_base + time.time() - self._session_started, 3)
+
+    def _judged_version_lag(self, records: list, served: int) -> dict[str, Any]:
+        """How many versions behind the served one (`served`) the answers judged in `records` were written."""
+        from actors.task_feeder import task_version
+
+        lags = []
+        for s in records:
+            task = self.store.get_task(s.record.task_id) if s.record.task_id else None
+            if task is not None and task.candidates:
+                lags.append(max(0, served - task_version(task)))
+        return {"mean": round(sum(lags) / len(lags), 3), "max": max(lags)} if lags else {}
+
+    def _live(self, records: list, lag: dict) -> dict[str, Any]:
+        """Open tasks, judgements per minute, each annotator's idle share (up to the last
+        judgement the step consumed), the served version, how stale the judged answers were,
+        tasks published and retired, what the selection policy chose: at a round's or step's end."""
+        elapsed = self._elapsed()
+        until = records[-1].received_at if records else time.time()
+        idle = {a.cfg.annotator_id: a.idle_fraction(a.first_pull_at or until, until) for a in self._annotators}
+        known = [v for v in idle.values() if v is not None]
+        live: dict[str, Any] = {
+            "mode": self.cfg.coordinator.mode,
+            "elapsed_s": elapsed,
+            "judgements": self.state.judgements,
+            "judgements_per_min": round(60.0 * self.state.judgements / elapsed, 2) if elapsed > 0 else None,
+            "annotator_idle": {k: (round(v, 4) if v is not None else None) for k, v in idle.items()},
+            "idle_fraction": round(sum(known) / len(known), 4) if known else None,
+            "served_version": self.state.policy_version,
+            "judged_version_lag": lag,
+            "selection": dict(self.state.selection),
+        }
+        if self.feeder is not None:
+            f = self.feeder.state
+            live.update(open_tasks=f.open_tasks, ready=f.ready, tasks_live=f.live, tasks_retired=f.retired,
+                        publish_errors=f.errors, task_budget=self.feeder.budget)
+        return live
 
     def _record_round(self, report: RoundReport) -> None:
         """The round's figures to the tracker, the coordinator's series and the status board."""
@@ -464,28 +559,109 @@ class Coordinator:
 
     def publish_tasks(self, r: int) -> int:
         c = self.cfg.coordinator
-        from services.generation.engine import GenerateRequest
-
         prompts = [self.train_prompts[(r * c.tasks_per_round + i) % len(self.train_prompts)] for i in range(c.tasks_per_round)]
         # one seed for the round: requests with equal sampling settings share a batch
-        requests = [GenerateRequest(prompt=None, messages=(("user", p),), n=2, temperature=c.task_temperature,
-                                    max_new_tokens=self.cfg.ppo.max_new_tokens, seed=r * 100_003) for p in prompts]
+        return self._publish_tasks(prompts, [f"{self.identity['run_id']}r{r}-t{i}" for i in range(len(prompts))],
+                                   seed=r * 100_003, gold_index=r)
+
+    def _publish_tasks(self, prompts: list[str], task_ids: list[str], seed: int, gold_index: int) -> int:
+        """Answers to `prompts` by the served policy, a pair of each chosen by the selection
+        policy, published as tasks `task_ids` (gold mixed in at `quality.gold_rate`)."""
+        c = self.cfg.coordinator
+        from services.generation.engine import GenerateRequest
+
+        n = c.selection.answers_per_prompt
+        requests = [GenerateRequest(prompt=None, messages=(("user", p),), n=n, temperature=c.task_temperature,
+                                    max_new_tokens=self.cfg.ppo.max_new_tokens, seed=seed) for p in prompts]
         results = self._generate(requests)
+        choices = self._choose_pairs(prompts, [list(res.texts) for res in results])
         tasks = []
-        for i, (prompt, res) in enumerate(zip(prompts, results)):
-            task_id = f"{self.identity['run_id']}r{r}-t{i}"
+        for task_id, prompt, res, choice in zip(task_ids, prompts, results, choices):
+            shown = [res.texts[i] for i in choice.pair]
             tasks.append(Task(
                 task_id=task_id, project=self.cfg.feedback.project, prompt_id=_prompt_id(prompt), prompt=prompt,
                 candidates=tuple(pb.Candidate(candidate_id=f"{task_id}-{j}", text=shown_text(t),
-                                              policy_version=res.policy_version) for j, t in enumerate(res.texts)),
+                                              policy_version=res.policy_version) for j, t in enumerate(shown)),
                 annotations_wanted=c.annotations_per_task, metadata=self.cfg.template.task_metadata(),
             ))
-        tasks = self.quality.mix_gold(r, tasks)  # gold tasks at coordinator.quality.gold_rate
+        tasks = self.quality.mix_gold(gold_index, tasks)  # gold tasks at coordinator.quality.gold_rate
         outcomes = self.store.add_tasks(tasks)
         bad = [o.rejection for o in outcomes if o.rejection]
         if bad:
             raise RuntimeError(f"publishing tasks failed: {bad[0].field}: {bad[0].reason}")
-        return len(tasks)
+        from rlhf.selection import merge_summaries, summarize
+
+        with self._selection_lock:
+            self.state.selection = merge_summaries(self.state.selection, summarize(choices))
+        return sum(o.created for o in outcomes)
+
+    def _choose_pairs(self, prompts: list[str], answers: list[list[str]]) -> list:
+        """The selection policy's pair for each prompt (rlhf/selection.py); under ``margin``
+        the reward model scores the answers once it has been trained, unless it does not
+        answer within `score_timeout_s` (it may be training): then the pairs are random."""
+        from rlhf.selection import choose_pair, held_out
+
+        sel, rc = self.cfg.coordinator.selection, self.cfg.reward
+        scores: list | None = None
+        if sel.policy == "margin" and self.state.reward_model:
+            flat_p = [p for p, texts in zip(prompts, answers) for _ in texts]
+            flat_a = [t for texts in answers for t in texts]
+            try:
+                flat = self.reward_model.score(flat_p, flat_a, timeout_s=sel.score_timeout_s).tolist()
+                scores, k = [], 0
+                for texts in answers:
+                    scores.append(flat[k: k + len(texts)])
+                    k += len(texts)
+            except Exception as err:  # noqa: BLE001 - busy or lost: a random pair keeps the annotators going
+                log.info("no reward-model scores for task selection (%s): random pairs", type(err).__name__)
+        with self._selection_lock:
+            return [choose_pair(texts, scores[i] if scores else None, sel, self._selection_rng,
+                                held_out(_prompt_id(p), rc.validation_fraction, rc.split_seed))
+                    for i, (p, texts) in enumerate(zip(prompts, answers))]
+
+    # -- continuous mode ----------------------------------------------------------------
+
+    def _start_feeder(self) -> None:
+        from actors.task_feeder import TaskFeeder
+
+        c = self.cfg.coordinator
+        prefix = f"{self.identity['run_id']}c"
+
+        def publish(n: int, published: int) -> int:
+            prompts = [self.train_prompts[(published + i) % len(self.train_prompts)] for i in range(n)]
+            ids = [f"{prefix}{published + i:06d}-{uuid.uuid4().hex[:6]}" for i in range(n)]
+            return self._publish_tasks(prompts, ids, seed=published * 100_003 + 17, gold_index=published)
+
+        def shown(state) -> None:
+            self.progress.update(open=state.ready, tasks=f"{state.live}/{self.feeder.budget}", served=f"v{self.state.policy_version}")
+
+        self.feeder = TaskFeeder(publish, self.store, self.cfg.feedback.project, prefix, c.continuous, c.task_budget(),
+                                 c.annotations_per_task, lambda: self.state.policy_version, on_tick=shown)
+        self.feeder.start()
+
+    def wait_for_step_feedback(self) -> list | None:
+        """The records of the next step: everything committed after the watermark once
+        `min_feedback_per_step` of them count (or, once the budget is spent and every task of
+        it judged or retired, whatever is left); None when nothing is left at all."""
+        c = self.cfg.coordinator
+        k = c.continuous
+        if k.max_steps is not None and self.state.next_round >= k.max_steps:
+            return None
+        deadline = time.monotonic() + c.feedback_timeout_s
+        self._feedback_complete_at = None
+        while True:
+            done = self.feeder.spent() and not self.store.open_tasks(self.cfg.feedback.project, self.feeder.prefix)
+            records = self.store.read_after(self.state.watermark, limit=100_000, projects=[self.cfg.feedback.project])
+            useful = countable_feedback(records, self._paused_annotators(), self.cfg.curation.ratings.enabled)
+            self.progress.update(feedback=f"{len(useful)}/{k.min_feedback_per_step}")
+            if len(useful) >= k.min_feedback_per_step or (done and records) or (time.monotonic() > deadline and useful):
+                self._feedback_complete_at = (useful or records)[-1].received_at
+                return records
+            if done:
+                return None
+            if time.monotonic() > deadline + c.feedback_timeout_s:
+                raise NoFeedback(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
+            time.sleep(0.2)
 
     def _generate(self, requests: list) -> list:
         """Answers of the engine group, batches of `max_batch_size` spread over every engine."""
@@ -742,6 +918,7 @@ class Coordinator:
             run_rel = f"{name}/run" if self.storage.read_text(f"{name}/run/state.json") is not None else name  # older layout
             with self.storage.reading(run_rel) as local:
                 self.state = RunState(**json.loads((Path(local) / "state.json").read_text()))
+                self._elapsed_base, self._session_started = self.state.elapsed_s, time.time()
                 self.curation_memory = CurationMemory.load(Path(local), self.cfg.curation)
             self.trainers.load_checkpoint(self.storage, f"{name}/trainer")
             self.reward_model.load(self.storage, f"{name}/reward_model")

@@ -153,8 +153,8 @@ class RewardModelGroup:
         replicas = [RewardModelActor.options(**o).remote(spec) for o in options]
         return cls(replicas, timeout_s)
 
-    def _get(self, refs):
-        return ray.get(refs, timeout=self.timeout_s)
+    def _get(self, refs, timeout_s: float | None = None):
+        return ray.get(refs, timeout=self.timeout_s if timeout_s is None else timeout_s)
 
     def train(self, items: list, flagged: list = ()) -> dict:
         """[2] Replica 0 trains; the others take its trained tensors."""
@@ -165,14 +165,16 @@ class RewardModelGroup:
     def forget(self, flagged: list) -> int:
         return self._get(self.replicas[0].forget.remote(flagged))
 
-    def score(self, prompts: list[str], responses: list[str]):
-        """[3] Scores of a batch, its rows split evenly over the replicas, (B,) on the CPU."""
+    def score(self, prompts: list[str], responses: list[str], timeout_s: float | None = None):
+        """[3] Scores of a batch, its rows split evenly over the replicas, (B,) on the CPU;
+        `timeout_s` instead of the group's call timeout (a caller that would rather not wait
+        behind a training update)."""
         import torch
 
         n = len(self.replicas)
         size = -(-len(prompts) // n) if prompts else 0
         chunks = [(k, k + size) for k in range(0, len(prompts), size)] if size else []
-        parts = self._get([self.replicas[i].score.remote(prompts[a:b], responses[a:b]) for i, (a, b) in enumerate(chunks)])
+        parts = self._get([self.replicas[i].score.remote(prompts[a:b], responses[a:b]) for i, (a, b) in enumerate(chunks)], timeout_s)
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def save(self, storage, rel: str) -> None:

@@ -1,4 +1,5 @@
-"""The run report's plot: reward-model accuracy, policy reward, KL and win-rate per round."""
+"""The run report's plot: reward-model accuracy, policy reward, KL and win-rate per round, or
+over the run's wall time in continuous mode (its steps have no rounds to count)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ def plot_rounds(reports: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] + 1 for r in reports]
+    continuous = any((r.get("live") or {}).get("mode") == "continuous" for r in reports)
+    if continuous:
+        rounds = [((r.get("live") or {}).get("elapsed_s") or 0.0) / 60.0 for r in reports]
+    else:
+        rounds = [r["round"] + 1 for r in reports]
     series = {
         "reward-model accuracy (held-out pairs)": [r["reward_model"].get("validation_accuracy") for r in reports],
         "policy reward (reward model)": [r.get("reward") for r in reports],
@@ -28,8 +33,8 @@ def plot_rounds(reports: list[dict], path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
-        ax.set_xlabel("round")
-    fig.suptitle("hitl run")
+        ax.set_xlabel("minutes since the run began (one point per training step)" if continuous else "round")
+    fig.suptitle("hitl run (continuous)" if continuous else "hitl run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -36,7 +36,7 @@ from torch import Tensor
 from rlhf.po.config import POConfig
 from rlhf.po.data import KTOExample, PairExample
 from rlhf.po.losses import dpo_loss, ipo_loss, kto_loss
-from rlhf.ppo.rollout import response_logprobs, sample_seed
+from rlhf.ppo.rollout import response_logprobs
 from rlhf.ppo.trainer import PPOTrainer, _all_reduce_sum
 from rlhf.sft.data import Demonstration, make_batch
 from rlhf.sft.trainer import _chunks, _learning_rate, _policy, epoch_order

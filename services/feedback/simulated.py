@@ -56,6 +56,13 @@ class AnnotatorStats:
     corrected: int = 0  # of which also corrected
     accepted: int = 0  # records stored (preferences and corrections)
     rejected: int = 0
+    idle_s: float = 0.0  # time with no task to take (pulls that found none), up to the last pull
+    active_s: float = 0.0  # time from the first pull to the last
+
+
+def overlap(spans: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of `spans` (non-overlapping (from, to) pairs) that fall in [start, end]."""
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans)
 
 
 class SimulatedAnnotator:
@@ -66,6 +73,9 @@ class SimulatedAnnotator:
         self.judge = Judge(cfg.judge)
         self.rng = random.Random(cfg.seed)
         self.stats = AnnotatorStats()
+        self.idle_spans: list[tuple[float, float]] = []  # (from, to): no task to take, wall-clock seconds
+        self.first_pull_at: float | None = None
+        self._idle_since: float | None = None
 
     def judge_task(self, task: pb.LabelingTask, started: float | None = None) -> pb.FeedbackRecord:
         """One judgement: a preference between the task's first two candidates (`started`:
@@ -132,8 +142,34 @@ class SimulatedAnnotator:
         return judged
 
     def run(self, stop: threading.Event, idle_sleep_s: float = 0.2) -> AnnotatorStats:
-        """Label until `stop` is set."""
+        """Label until `stop` is set; the time between a pull that found no task and the
+        next that found one is idle (`idle_spans`)."""
         while not stop.is_set():
+            pulled_at = time.time()
+            if self.first_pull_at is None:
+                self.first_pull_at = pulled_at
             if self.run_once(stop) == 0:
+                if self._idle_since is None:
+                    self._idle_since = pulled_at
                 stop.wait(idle_sleep_s)
+            elif self._idle_since is not None:
+                self.idle_spans.append((self._idle_since, pulled_at))
+                self._idle_since = None
+            self._tally(time.time())
         return self.stats
+
+    def spans_until(self, now: float) -> list[tuple[float, float]]:
+        """The idle spans, the one still open (if any) closed at `now`."""
+        return self.idle_spans + ([(self._idle_since, now)] if self._idle_since is not None else [])
+
+    def idle_fraction(self, start: float, end: float) -> float | None:
+        """Share of [start, end] (clipped to the time since the first pull) with no task to take."""
+        start = max(start, self.first_pull_at or end)
+        if end <= start:
+            return None
+        return overlap(self.spans_until(end), start, end) / (end - start)
+
+    def _tally(self, now: float) -> None:
+        if self.first_pull_at is not None:
+            self.stats.active_s = round(now - self.first_pull_at, 3)
+            self.stats.idle_s = round(overlap(self.spans_until(now), self.first_pull_at, now), 3)

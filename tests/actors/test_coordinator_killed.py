@@ -1,4 +1,4 @@
-"""The coordinator process killed mid-round (SIGKILL of `hitl run`), then `hitl run --resume`:
+"""The coordinator process killed mid-step of continuous mode (SIGKILL of `hitl run`), then `hitl run --resume`:
 the run completes from the last checkpoint, and every feedback record is used once.
 
 Both `hitl run` processes join the test session's Ray cluster (as `ray job submit` would),
@@ -37,13 +37,21 @@ def _wait_for_line(proc: subprocess.Popen, wanted: str, timeout_s: float) -> lis
 
 
 @pytest.mark.slow
-def test_killing_the_coordinator_mid_round_then_resume_completes_the_run(ray_session, tmp_path):
+def test_killing_the_coordinator_mid_step_of_continuous_mode_then_resume_completes_the_run(ray_session, tmp_path):
+    """Continuous mode, the margin selection policy, tasks retired as soon as a newer version
+    is served: the coordinator is killed in its second step and resumed; every judgement of
+    the run is consumed by exactly one step, and the run's report shows it as people saw it."""
     address = ray_session.get_runtime_context().gcs_address
-    cfg = tiny_run_config(tmp_path, rounds=3)
+    cfg = tiny_run_config(tmp_path, rounds=3, mode="continuous",
+                          continuous={"open_tasks": 4, "publish_batch": 4, "min_feedback_per_step": 8, "max_policy_lag": 0},
+                          selection={"policy": "margin", "candidates": 3, "random_share": 0.25})
     data = json.loads(cfg.model_dump_json())
     data["cluster"]["address"] = address
     data["cluster"]["namespace"] = "hitl-killed"
-    data["coordinator"]["progress"] = True  # one line per stage on stderr: how the test sees the round
+    data["coordinator"]["progress"] = True  # one line per stage on stderr: how the test sees the step
+    # people's pace, and short leases: the killed process's annotators leave leased tasks behind
+    for a in data["annotators"]["annotators"]:
+        a.update(think_time_s=0.2, batch=2, lease_seconds=5)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(data))
     run_dir = tmp_path / "run"
@@ -51,7 +59,7 @@ def test_killing_the_coordinator_mid_round_then_resume_completes_the_run(ray_ses
 
     first = subprocess.Popen(_hitl("run", str(config)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for_line(first, "round 2/3 | stage reward_model", timeout_s=600)  # round 1 under way
+        _wait_for_line(first, "round step 2 | stage reward_model", timeout_s=600)  # step 1 under way
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
@@ -60,21 +68,41 @@ def test_killing_the_coordinator_mid_round_then_resume_completes_the_run(ray_ses
 
     resumed = subprocess.run(_hitl("run", "--resume", str(run_dir)), capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    rounds = json.loads((run_dir / "report.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    # the watermark ranges chain: round k reads exactly (end of round k-1, its own end]
-    for before, after in zip(rounds, rounds[1:]):
+    steps = json.loads((run_dir / "report.json").read_text())["rounds"]
+    assert [r["round"] for r in steps] == list(range(len(steps))) and len(steps) >= 2
+    # the watermark ranges chain from the run's start: step k reads exactly (end of step k-1, its own end]
+    start = json.loads((run_dir / "run.json").read_text())["start_watermark"]
+    assert steps[0]["watermark_from"] == start
+    for before, after in zip(steps, steps[1:]):
         assert after["watermark_from"] == before["watermark_to"]
-    # the reward model holds each round's curated items once: the killed round's were not kept
-    assert rounds[-1]["reward_model"]["pairs_total"] == sum(r["feedback"].get("used/preference", 0) for r in rounds)
-    # the killed attempt's feedback for round 1 was read by the redone round, none skipped
+    # the reward model holds each step's curated items once: the killed step's were not kept
+    assert steps[-1]["reward_model"]["pairs_total"] == sum(r["feedback"].get("used/preference", 0) for r in steps)
     from services.feedback.store import open_store
 
     store = open_store(cfg.feedback.service.store)
     try:
-        records = store.read_after(0, limit=100_000, projects=[cfg.feedback.project])
+        records = store.read_after(start, limit=100_000, projects=[cfg.feedback.project])
+        run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+        live_tasks = store.task_count(cfg.feedback.project, f"{run_id}c", include_retired=False)
+        open_left = store.open_tasks(cfg.feedback.project, f"{run_id}c")
     finally:
         store.close()
-    round1 = [s for s in records if "-r1-t" in s.record.task_id]
-    assert round1 and all(rounds[1]["watermark_from"] < s.seq <= rounds[1]["watermark_to"] for s in round1)
-    assert [r["policy_version"] for r in rounds] == sorted({r["policy_version"] for r in rounds})
+    # every judgement of the run (the killed process's included) lies in exactly one step's range
+    assert records and records[-1].seq == steps[-1]["watermark_to"]
+    assert sum(r["watermark_to"] - r["watermark_from"] for r in steps) == len(records)
+    assert live_tasks == 24 and not open_left  # the budget (3 x 8 tasks) judged, nothing left open
+    assert [r["policy_version"] for r in steps] == sorted({r["policy_version"] for r in steps})
+    # the run as people saw it: time, throughput, idle shares, versions, what the selection chose
+    live = steps[-1]["live"]
+    assert live["mode"] == "continuous" and live["task_budget"] == 24
+    assert [r["live"]["elapsed_s"] for r in steps] == sorted(r["live"]["elapsed_s"] for r in steps)
+    assert 0 < steps[0]["live"]["judgements"] < live["judgements"] <= len(records)
+    assert live["judgements_per_min"] > 0 and set(live["annotator_idle"]) == {"a1", "a2"}
+    assert live["served_version"] == steps[-1]["policy_version"]
+    reasons = live["selection"]["by_reason"]
+    assert sum(reasons.values()) == live["selection"]["tasks"] >= 24
+    assert set(reasons) <= {"margin", "random: held-out prompt", "random: share", "random: no reward model yet",
+                            "random: one distinct answer"}
+    assert reasons.get("random: no reward model yet", 0) > 0  # before the first update
+    assert "feedback" in steps[0]["stage_seconds"] and "publish" not in steps[0]["stage_seconds"]
+    assert (run_dir / "report.png").stat().st_size > 1000

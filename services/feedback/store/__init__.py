@@ -7,6 +7,7 @@ from services.feedback.records import Limits
 from services.feedback.store.base import (
     FeedbackStore,
     LeasedTask,
+    OpenTask,
     Outcome,
     SqlStore,
     Status,
@@ -19,6 +20,7 @@ from services.feedback.store.base import (
 __all__ = [
     "FeedbackStore",
     "LeasedTask",
+    "OpenTask",
     "Outcome",
     "SqlStore",
     "Status",

@@ -125,6 +125,21 @@ class LeasedTask:
 
 
 @dataclass(frozen=True)
+class OpenTask:
+    """A task that still wants judgements, and how many of them are leased now."""
+
+    task: Task
+    leased: int  # unanswered leases that have not expired
+    created_at: float  # seconds since the epoch
+    done: int = 0  # judgements already counted towards annotations_wanted
+
+    @property
+    def available(self) -> int:
+        """Judgements an annotator could still pull for it now."""
+        return max(0, self.task.annotations_wanted - self.leased - self.done)
+
+
+@dataclass(frozen=True)
 class StoreStats:
     total_records: int
     by_kind: dict[str, int]
@@ -147,6 +162,9 @@ class FeedbackStore(Protocol):
     def add_tasks(self, tasks: Sequence[Task]) -> list[TaskOutcome]: ...
     def lease_tasks(self, project: str, annotator_id: str, max_tasks: int, lease_seconds: float) -> list[LeasedTask]: ...
     def get_task(self, task_id: str) -> Task | None: ...
+    def open_tasks(self, project: str, id_prefix: str = "") -> list[OpenTask]: ...
+    def task_count(self, project: str, id_prefix: str = "", include_retired: bool = True) -> int: ...
+    def retire_tasks(self, task_ids: Iterable[str]) -> int: ...
     def leased_pairs(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]: ...
     def gold_answers(self, projects: Iterable[str] | None = None) -> dict[str, GoldAnswer]: ...
     def stats(self, projects: Iterable[str] | None = None) -> StoreStats: ...
@@ -822,6 +840,64 @@ class SqlStore:
             return self._tasks(conn.cursor(), {task_id}).get(task_id)
         finally:
             self._rollback(conn)
+
+    def open_tasks(self, project: str, id_prefix: str = "") -> list[OpenTask]:
+        """The project's open tasks whose id starts with `id_prefix` (a run's own), oldest
+        first, with their live leases: what a publisher keeping a depth of work reads."""
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        try:
+            cur.execute(
+                self._q(
+                    "SELECT t.task, t.annotations_wanted, t.annotations_done, t.created_at,"
+                    " (SELECT COUNT(*) FROM leases l WHERE l.task_id = t.task_id AND l.answered = 0 AND l.expires_at > ?)"
+                    " FROM tasks t WHERE t.project = ? AND t.is_open = 1 AND substr(t.task_id, 1, ?) = ? ORDER BY t.created_order"
+                ),
+                (self.clock(), project, len(id_prefix), id_prefix),
+            )
+            rows = cur.fetchall()
+        finally:
+            self._rollback(conn)
+        return [OpenTask(_task_from_blob(blob, wanted), int(leased), float(at), int(done)) for blob, wanted, done, at, leased in rows]
+
+    def task_count(self, project: str, id_prefix: str = "", include_retired: bool = True) -> int:
+        """How many tasks the project holds whose id starts with `id_prefix`: all of them, or
+        (`include_retired` False) those open or judged as often as they want, not the ones
+        `retire_tasks` closed early."""
+        conn = self._conn()
+        cur = conn.cursor()
+        self._d.begin_read(conn)
+        live = "" if include_retired else " AND (is_open = 1 OR annotations_done >= annotations_wanted)"
+        try:
+            cur.execute(self._q("SELECT COUNT(*) FROM tasks WHERE project = ? AND substr(task_id, 1, ?) = ?" + live),
+                        (project, len(id_prefix), id_prefix))
+            return int(cur.fetchone()[0])
+        finally:
+            self._rollback(conn)
+
+    def retire_tasks(self, task_ids: Iterable[str]) -> int:
+        """Close open tasks before they have their judgements (a stale policy wrote them);
+        returns how many were open. Judgements already leased may still arrive: they are
+        accepted like any other, since a closed task only stops being handed out."""
+        wanted = sorted(set(task_ids))
+        if not wanted:
+            return 0
+        conn = self._conn()
+        self._d.begin_write(conn)
+        try:
+            cur = conn.cursor()
+            closed = 0
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                cur.execute(self._q(f"UPDATE tasks SET is_open = 0 WHERE is_open = 1 AND task_id IN ({', '.join('?' * len(chunk))})"),
+                            tuple(chunk))
+                closed += max(0, cur.rowcount)
+            conn.commit()
+        except BaseException:
+            self._rollback(conn)
+            raise
+        return closed
 
     def iter_tasks(self, projects: Iterable[str] | None = None, page: int = 1000) -> Iterator[Task]:
         """Every published task in publication order, read page by page (for exports)."""

@@ -142,3 +142,36 @@ def test_an_annotator_stopped_while_thinking_submits_what_it_judged(server):
     threading.Timer(1.5, stop.set).start()  # during the second task
     assert annotator.run_once(stop) == 1
     assert [s.record.annotator_id for s in server.server.store.iter_after(0)] == ["slow"]
+
+
+def test_idle_time_is_the_time_with_no_task_to_take(server):
+    """An annotator that finds nothing to pull is idle until a pull finds a task; the idle
+    share of a window counts only the time inside it (continuous mode's figure)."""
+    import threading
+    import time
+
+    from services.feedback.simulated import overlap
+
+    annotator = SimulatedAnnotator(AnnotatorConfig(annotator_id="waiting", noise=0.0, batch=4), FeedbackClient(server.address), "demo")
+    stop = threading.Event()
+    thread = threading.Thread(target=annotator.run, args=(stop,), kwargs={"idle_sleep_s": 0.05})
+    thread.start()
+    try:
+        time.sleep(0.6)  # nothing published yet
+        published_at = time.time()
+        server.server.store.add_tasks(make_tasks(4))
+        for _ in range(200):
+            if annotator.stats.judged == 4:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert annotator.stats.judged == 4
+    first_span = annotator.idle_spans[0]
+    assert first_span[0] == annotator.first_pull_at and published_at - 0.01 <= first_span[1] <= published_at + 0.5
+    before = annotator.idle_fraction(annotator.first_pull_at, published_at)
+    assert before > 0.9  # idle all the while nothing was there
+    assert annotator.idle_fraction(published_at + 0.5, published_at + 0.5) is None  # an empty window says nothing
+    assert annotator.stats.idle_s >= 0.5 and annotator.stats.active_s >= annotator.stats.idle_s
+    assert overlap([(0.0, 2.0), (3.0, 5.0)], 1.0, 4.0) == 2.0

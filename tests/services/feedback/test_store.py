@@ -197,3 +197,29 @@ def test_a_new_sqlite_store_is_its_owners_alone(tmp_path):
     finally:
         s.close()
     assert modes["feedback.db"] == 0o600 and all(m & 0o077 == 0 for m in modes.values()), modes
+
+
+def test_open_tasks_counts_and_retirement_of_one_run(store):
+    """What a continuous publisher reads and does: a run's open tasks with their live leases,
+    how many it published, and retiring stale ones (still accepting what was leased before)."""
+    store.add_tasks([make_task("runA-1"), make_task("runA-2"), make_task("runA-3", wanted=2), make_task("runB-1")])
+    store.lease_tasks("demo", "alice", 1, 60)  # runA-1
+    store.write_batch([preference("a", "runA-2", annotator="bob")])  # answers runA-2
+    open_ = {o.task.task_id: o for o in store.open_tasks("demo", "runA-")}
+    assert list(open_) == ["runA-1", "runA-3"]
+    assert (open_["runA-1"].leased, open_["runA-1"].available) == (1, 0)
+    assert (open_["runA-3"].leased, open_["runA-3"].available) == (0, 2)
+    assert [o.task.task_id for o in store.open_tasks("demo")] == ["runA-1", "runA-3", "runB-1"]
+    assert store.task_count("demo", "runA-") == 3 and store.task_count("demo", "runA_") == 0 and store.task_count("other") == 0
+    assert store.retire_tasks(["runA-1", "runA-2", "nope"]) == 1  # runA-2 was closed by its answer
+    assert [o.task.task_id for o in store.open_tasks("demo", "runA-")] == ["runA-3"]
+    assert [lease.task.task_id for lease in store.lease_tasks("demo", "carol", 5, 60)] == ["runA-3", "runB-1"]
+    # alice's judgement of the task she leased before it was retired is stored
+    [outcome] = store.write_batch([preference("late", "runA-1", annotator="alice")])
+    assert outcome.status is Status.ACCEPTED
+    assert store.task_count("demo", "runA-") == 3
+    # not counting runA-1's retirement: it got its judgement after all; runA-3 is open
+    assert store.task_count("demo", "runA-", include_retired=False) == 3
+    store.add_tasks([make_task("runA-4")])
+    store.retire_tasks(["runA-4"])
+    assert (store.task_count("demo", "runA-"), store.task_count("demo", "runA-", include_retired=False)) == (4, 3)

@@ -148,6 +148,11 @@ class ContinuousConfig(BaseModel):
     """Tasks to publish in all (times `annotations_per_task` judgements); the run ends once all
     are judged (or retired) and consumed. None: `rounds` x `tasks_per_round`, the same budget a
     `rounds` run of the same config has."""
+    min_steps: int = Field(1, ge=1)
+    """Training steps the run takes at least. Once the budget is judged and consumed, further
+    steps have no new feedback: the policy update goes on against the reward model as it is
+    (PPO, best-of-n; still gated on its accuracy), so training need not stop when people do.
+    `rounds` gives a run in rounds mode as many policy updates."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many training steps even if the budget is not spent; None: no such limit."""
 
@@ -329,6 +334,9 @@ class RunConfig(RLHFConfig):
                 f"coordinator.continuous.min_feedback_per_step ({c.continuous.min_feedback_per_step}) is more than the "
                 f"judgement budget ({c.task_budget()} tasks x {c.annotations_per_task}) can ever yield"
             )
+        if c.mode == "continuous" and c.continuous.max_steps is not None and c.continuous.max_steps < c.continuous.min_steps:
+            raise ValueError(f"coordinator.continuous.max_steps ({c.continuous.max_steps}) is less than min_steps "
+                             f"({c.continuous.min_steps})")
         if self.generation.backend == "vllm" and self.lora.enabled and self.lora.kind != "lora":
             raise ValueError(f"lora.kind: generation.backend 'vllm' applies LoRA adapters only, not {self.lora.kind!r}; "
                              "use generation.backend 'hf'")

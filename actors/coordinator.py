@@ -110,6 +110,7 @@ class RunState:
     reward_model: dict = field(default_factory=dict)  # the reward model's lineage (rlhf.lineage.next_reward_model)
     elapsed_s: float = 0.0  # the run's wall time up to this checkpoint (across resumes)
     judgements: int = 0  # countable judgements consumed so far
+    last_judgement_at: float | None = None  # when the last record consumed was committed (wall clock)
     selection: dict = field(default_factory=dict)  # what the selection policy chose so far (rlhf.selection.summarize)
     reward_accuracy: float | None = None  # the reward model's last held-out accuracy, as the gate sees it (gated_accuracy)
     stopped: str | None = None  # why the run ended before its last round (coordinator.win_rate_patience), else None
@@ -522,7 +523,9 @@ class Coordinator:
         judgement the step consumed), the served version, how stale the judged answers were,
         tasks published and retired, what the selection policy chose: at a round's or step's end."""
         elapsed = self._elapsed()
-        until = records[-1].received_at if records else time.time()
+        if records:
+            self.state.last_judgement_at = records[-1].received_at
+        until = self.state.last_judgement_at or time.time()  # idle up to the last judgement: after it the work was done
         idle = {a.cfg.annotator_id: a.idle_fraction(a.first_pull_at or until, until) for a in self._annotators}
         known = [v for v in idle.values() if v is not None]
         live: dict[str, Any] = {
@@ -540,6 +543,9 @@ class Coordinator:
             f = self.feeder.state
             live.update(open_tasks=f.open_tasks, ready=f.ready, tasks_live=f.live, tasks_retired=f.retired,
                         publish_errors=f.errors, task_budget=self.feeder.budget)
+        else:
+            open_ = self.store.open_tasks(self.cfg.feedback.project, self.identity["run_id"])
+            live.update(open_tasks=len(open_), ready=sum(o.available for o in open_))
         return live
 
     def _record_round(self, report: RoundReport) -> None:
@@ -551,8 +557,11 @@ class Coordinator:
         self.tracker.log(round_scalars(values), step=report.round)
         self.tracker.flush()
         accuracy = (report.reward_model or {}).get("validation_accuracy")
+        live = report.live or {}
         coordinator_metrics().record({"round": report.round, "watermark": report.watermark_to, "policy_version": report.policy_version,
-                                      "win_rate": report.win_rate, "reward_accuracy": accuracy}, run=self.board.record["run_id"])
+                                      "win_rate": report.win_rate, "reward_accuracy": accuracy, "open_tasks": live.get("ready"),
+                                      "judgements_per_minute": live.get("judgements_per_min"),
+                                      "annotator_idle_fraction": live.get("idle_fraction")}, run=self.board.record["run_id"])
         self.board.update(round=f"{report.round + 1}/{self.cfg.coordinator.rounds}", policy_version=report.policy_version,
                           watermark=report.watermark_to, win_rate=report.win_rate, reward_accuracy=accuracy,
                           feedback_to_policy_s=report.feedback_to_policy_s, feedback=dict(report.feedback))
@@ -632,8 +641,18 @@ class Coordinator:
             ids = [f"{prefix}{published + i:06d}-{uuid.uuid4().hex[:6]}" for i in range(n)]
             return self._publish_tasks(prompts, ids, seed=published * 100_003 + 17, gold_index=published)
 
-        def shown(state) -> None:
-            self.progress.update(open=state.ready, tasks=f"{state.live}/{self.feeder.budget}", served=f"v{self.state.policy_version}")
+        shown_at = [0.0]
+
+        def shown(state) -> None:  # the live line, every 2 s: ready tasks, budget spent, served version, pace, idle
+            now = time.time()
+            if now - shown_at[0] < 2.0:
+                return
+            shown_at[0] = now
+            judged = (state.live - state.open_tasks) * c.annotations_per_task
+            minutes = max(self._elapsed(), 1.0) / 60.0
+            idle = [v for a in self._annotators if (v := a.idle_fraction(a.first_task_at or now, now)) is not None]
+            self.progress.update(ready=state.ready, tasks=f"{state.live}/{self.feeder.budget}", served=f"v{self.state.policy_version}",
+                                 judged_per_min=round(judged / minutes, 1), **({"idle": round(sum(idle) / len(idle), 3)} if idle else {}))
 
         self.feeder = TaskFeeder(publish, self.store, self.cfg.feedback.project, prefix, c.continuous, c.task_budget(),
                                  c.annotations_per_task, lambda: self.state.policy_version, on_tick=shown)
@@ -642,7 +661,8 @@ class Coordinator:
     def wait_for_step_feedback(self) -> list | None:
         """The records of the next step: everything committed after the watermark once
         `min_feedback_per_step` of them count (or, once the budget is spent and every task of
-        it judged or retired, whatever is left); None when nothing is left at all."""
+        it judged or retired, whatever is left; nothing, while fewer than `min_steps` steps
+        have run); None when the run is over."""
         c = self.cfg.coordinator
         k = c.continuous
         if k.max_steps is not None and self.state.next_round >= k.max_steps:
@@ -658,7 +678,7 @@ class Coordinator:
                 self._feedback_complete_at = (useful or records)[-1].received_at
                 return records
             if done:
-                return None
+                return [] if self.state.next_round < k.min_steps else None
             if time.monotonic() > deadline + c.feedback_timeout_s:
                 raise NoFeedback(f"no usable feedback arrived in {2 * c.feedback_timeout_s:g}s")
             time.sleep(0.2)

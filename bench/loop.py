@@ -1,15 +1,25 @@
-"""Feedback-to-policy latency: from the moment the round's last needed feedback record is
-committed (and so acked) to the moment the generation server answers with a policy trained
-on it, per stage, on the tiny model and on SmolLM2-135M (LoRA).
+"""Rounds against continuous mode, and random against margin task selection, on the same
+budget of judgements from the same simulated annotators.
 
-    python bench/loop.py --quick        # tiny: 2 rounds; SmolLM2: 1 round, small batches
-    python bench/loop.py                # tiny: 3 rounds; SmolLM2: 2 rounds
+    python bench/loop.py --quick        # a budget of 64 judgements (2 rounds of 32 tasks)
+    python bench/loop.py                # 160 judgements (5 rounds of 32), as configs/local.yaml runs
 
-Each run is a real `Coordinator` on a local Ray cluster with simulated annotators over
-gRPC, a 2-worker ZeRO-2 trainer group and Ray Serve. The latency is split into the stages
-between the two moments: detecting the feedback, curating, training the reward model,
-the PPO iterations, pushing the weights, and the first answer of the new version. The
-figure for round 0 includes one-time warm-up. The last line is one JSON object.
+Three runs of the real loop (local Ray, the feedback service over gRPC, simulated annotators
+at the pace the configs give them, the 2-worker ZeRO-2 trainer group, the engine group,
+SmolLM2-135M with LoRA), in one process one after another, on the same seeds:
+
+  rounds       configs/local.yaml: publish 32 tasks, wait for them, train, repeat
+  continuous   configs/local-continuous.yaml: tasks kept open while training steps run (at
+               least as many steps as the rounds run has rounds: `continuous.min_steps`)
+  margin       the same with `coordinator.selection.policy: margin` (uncertainty sampling)
+
+Per run: `idle_fraction` (the annotators' mean share of time with no task to take, from their
+first task to the last judgement the run consumed), `judgements_per_min` (judgements consumed
+per minute of the run), `feedback_to_policy_s` (median over rounds or steps: from the last
+record a step consumed being committed to the first answer of the policy trained on it),
+`win_rate` (the last evaluation against the initial policy, by the annotators' rule, ties
+half), and `win_rate_gain_per_100` ((win_rate - 0.5) per 100 judgements consumed). The last
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -22,63 +32,82 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("curate", "reward_model", "sft", "ppo", "push_weights")
+RUNS = (
+    ("rounds", "configs/local.yaml", {}),
+    ("continuous", "configs/local-continuous.yaml", {}),
+    ("margin", "configs/local-continuous.yaml", {"coordinator": {"selection": {"policy": "margin"}}}),
+)
 
 
-def run_config(model: str, tmp: Path, rounds: int, quick: bool):
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def run_config(path: str, tmp: Path, rounds: int, overrides: dict):
     from actors.config import RunConfig
     from rlhf.config import parse_config
 
-    base = yaml.safe_load(open("configs/tiny.yaml" if model == "tiny" else "configs/local.yaml"))
-    for key in ("cluster", "feedback", "generation", "coordinator", "annotators"):
-        base.pop(key, None)
-    base["deepspeed"] = {"zero_stage": 2, "bf16": False}
-    base["ppo"].update(rollout_batch_size=4, minibatch_size=2, max_new_tokens=8 if model == "tiny" else (16 if quick else 32))
-    base["reward"].update(max_epochs=2 if model != "tiny" else base["reward"].get("max_epochs", 10))
-    tasks = 8 if quick else 16
-    base.update(
-        cluster={"trainer": {"workers": 2, "num_cpus": 1}, "reward_model": {"num_cpus": 1}, "num_cpus": 8},
-        feedback={"service": {"store": f"sqlite:///{tmp / 'feedback.db'}", "port": 0, "metrics_port": None}, "project": "bench"},
-        generation={"replicas": 1, "num_cpus": 1, "http_port": 8793, "max_batch_size": 16},
-        coordinator={"rounds": rounds, "tasks_per_round": tasks, "min_feedback_per_round": tasks, "ppo_iterations_per_round": 1 if quick else 2,
-                     "eval_prompts": 4, "eval_max_new_tokens": 8, "run_dir": str(tmp / "run"), "progress": False},
-        annotators={"annotators": [{"annotator_id": "a1", "noise": 0.0, "seed": 1, "judge": {"rule": "concise"}},
-                                   {"annotator_id": "a2", "noise": 0.2, "seed": 2, "judge": {"rule": "concise"}}]},
-    )
-    return parse_config(base, RunConfig)
+    data = yaml.safe_load(open(path))
+    data = _merge(data, {
+        "feedback": {"service": {"store": f"sqlite:///{tmp / 'feedback.db'}", "port": 0, "metrics_port": None}, "project": "bench"},
+        "generation": {"http_port": 8793},
+        "coordinator": {"rounds": rounds, "run_dir": str(tmp / "run"), "progress": False,
+                        "continuous": {"min_steps": rounds}},  # as many policy updates as the rounds
+        "tracking": {"tensorboard": False},
+    })
+    return parse_config(_merge(data, overrides), RunConfig)
 
 
-def measure(model: str, rounds: int, quick: bool) -> list[dict]:
+def measure(name: str, path: str, rounds: int, overrides: dict) -> dict:
     import ray
 
     from actors.coordinator import Coordinator
 
     with tempfile.TemporaryDirectory() as tmp:
-        reports = Coordinator(run_config(model, Path(tmp), rounds, quick)).run()
+        cfg = run_config(path, Path(tmp), rounds, overrides)
+        reports = Coordinator(cfg).run()
     ray.shutdown()
-    rows = []
-    for r in reports:
-        staged = sum(r.stage_seconds.get(s, 0.0) for s in STAGES)
-        total = r.feedback_to_policy_s or 0.0
-        rows.append({"model": model, "round": r.round, "total_s": total, **{s: r.stage_seconds.get(s, 0.0) for s in STAGES},
-                     "detect_and_serve_s": max(0.0, total - staged)})
-    return rows
+    last = reports[-1].live
+    latencies = [r.feedback_to_policy_s for r in reports if r.feedback_to_policy_s is not None]
+    judged = last["judgements"]
+    win = reports[-1].win_rate
+    return {
+        "run": name, "mode": cfg.coordinator.mode, "selection": cfg.coordinator.selection.policy, "steps": len(reports),
+        "judgements": judged, "minutes": round(last["elapsed_s"] / 60, 2),
+        "idle_fraction": last["idle_fraction"], "judgements_per_min": last["judgements_per_min"],
+        "feedback_to_policy_s": round(statistics.median(latencies), 1) if latencies else None,
+        "win_rate": round(win, 4), "win_rate_gain_per_100": round((win - 0.5) * 100 / judged, 4) if judged else None,
+        "curve": [[r.live["judgements"], round(r.live["elapsed_s"] / 60, 2), round(r.win_rate, 4)] for r in reports],
+        "selection_chose": last.get("selection", {}).get("by_reason", {}),
+        "tasks_retired": last.get("tasks_retired", 0),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a budget of 2 rounds of 32 tasks instead of 5")
+    parser.add_argument("--only", choices=[name for name, _, _ in RUNS], action="append", help="run only these (repeatable)")
     args = parser.parse_args()
-    rows = measure("tiny", 2 if args.quick else 3, args.quick) + measure("smollm2", 1 if args.quick else 2, args.quick)
+    rounds = 2 if args.quick else 5
+    rows = [measure(name, path, rounds, extra) for name, path, extra in RUNS if not args.only or name in args.only]
 
-    print(f"\n{'model':<8} {'round':>5} {'total s':>8} " + " ".join(f"{s:>13}" for s in STAGES) + f" {'detect+serve':>13}")
+    print(f"\n{'run':<11} {'mode':<11} {'selection':<9} {'steps':>5} {'judged':>6} {'minutes':>7} {'idle':>6} "
+          f"{'judg/min':>8} {'fb->policy s':>12} {'win-rate':>8} {'gain/100':>8}")
     for r in rows:
-        print(f"{r['model']:<8} {r['round']:>5} {r['total_s']:>8.1f} " + " ".join(f"{r[s]:>13.1f}" for s in STAGES) + f" {r['detect_and_serve_s']:>13.1f}")
+        print(f"{r['run']:<11} {r['mode']:<11} {r['selection']:<9} {r['steps']:>5} {r['judgements']:>6} {r['minutes']:>7.1f} "
+              f"{r['idle_fraction'] if r['idle_fraction'] is not None else float('nan'):>6.3f} {r['judgements_per_min']:>8.1f} "
+              f"{r['feedback_to_policy_s'] or float('nan'):>12.1f} {r['win_rate']:>8.3f} {r['win_rate_gain_per_100'] or float('nan'):>8.3f}")
+    for r in rows:
+        print(f"{r['run']}: win-rate after (judgements, minutes): "
+              + ", ".join(f"{j} at {m:.1f} min: {w:.3f}" for j, m, w in r["curve"]) + f"; chose {r['selection_chose']}")
     headline = {}
-    for model in ("tiny", "smollm2"):
-        later = [r["total_s"] for r in rows if r["model"] == model and r["round"] > 0] or [r["total_s"] for r in rows if r["model"] == model]
-        headline[f"{model}_feedback_to_policy_s"] = round(statistics.median(later), 2)
-    print(json.dumps({**headline, "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}))
+    for r in rows:
+        for key in ("idle_fraction", "judgements_per_min", "feedback_to_policy_s", "win_rate", "win_rate_gain_per_100", "minutes"):
+            headline[f"{r['run']}_{key}"] = r[key]
+    print(json.dumps({**headline, "budget": rounds * 32, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -126,9 +126,14 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def round_scalars(report: Mapping[str, Any]) -> dict[str, Any]:
     """What TensorBoard and MLflow get of a round report (actors/coordinator.py RoundReport):
     win-rate, reward, KL, the reward model, SFT, feedback counts, per-judge evaluation, stage
-    seconds, feedback-to-policy latency."""
+    seconds, feedback-to-policy latency, and the run as people see it (`live`: time,
+    judgements per minute, annotators' idle share, tasks ready and retired)."""
     keep = ("win_rate", "reward", "kl", "feedback_to_policy_s", "policy_version", "watermark_to")
     out = {k: report.get(k) for k in keep}
     for section in ("reward_model", "sft", "feedback", "stage_seconds", "evaluation"):
         out.update(flatten(report.get(section) or {}, f"{section}/"))
+    live = report.get("live") or {}
+    for key in ("elapsed_s", "judgements", "judgements_per_min", "idle_fraction", "ready", "tasks_retired"):
+        if isinstance(live.get(key), (int, float)):
+            out[f"live/{key}"] = live[key]
     return out

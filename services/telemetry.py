@@ -51,6 +51,9 @@ COORDINATOR = {
     "policy_version": "Policy version last pushed to the engines.",
     "win_rate": "Evaluation win-rate of the last round.",
     "reward_accuracy": "The reward model's held-out accuracy of the last round.",
+    "open_tasks": "Judgements ready for annotators to pull (open tasks nobody holds).",
+    "judgements_per_minute": "Judgements the loop consumed per minute of the run so far.",
+    "annotator_idle_fraction": "Simulated annotators' mean share of time with no task to take.",
 }
 STAGES = ("starting", "publish", "feedback", "curate", "reward_model", "sft", "ppo", "push_weights", "evaluate",
           "checkpoint", "done", "recovering")

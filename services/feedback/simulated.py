@@ -75,6 +75,7 @@ class SimulatedAnnotator:
         self.stats = AnnotatorStats()
         self.idle_spans: list[tuple[float, float]] = []  # (from, to): no task to take, wall-clock seconds
         self.first_pull_at: float | None = None
+        self.first_task_at: float | None = None  # the first pull that found a task: labeling began
         self._idle_since: float | None = None
 
     def judge_task(self, task: pb.LabelingTask, started: float | None = None) -> pb.FeedbackRecord:
@@ -152,9 +153,12 @@ class SimulatedAnnotator:
                 if self._idle_since is None:
                     self._idle_since = pulled_at
                 stop.wait(idle_sleep_s)
-            elif self._idle_since is not None:
-                self.idle_spans.append((self._idle_since, pulled_at))
-                self._idle_since = None
+            else:
+                if self.first_task_at is None:
+                    self.first_task_at = pulled_at
+                if self._idle_since is not None:
+                    self.idle_spans.append((self._idle_since, pulled_at))
+                    self._idle_since = None
             self._tally(time.time())
         return self.stats
 
@@ -163,8 +167,9 @@ class SimulatedAnnotator:
         return self.idle_spans + ([(self._idle_since, now)] if self._idle_since is not None else [])
 
     def idle_fraction(self, start: float, end: float) -> float | None:
-        """Share of [start, end] (clipped to the time since the first pull) with no task to take."""
-        start = max(start, self.first_pull_at or end)
+        """Share of [start, end] with no task to take, counted from the first task this
+        annotator found (before it, the run was starting up: nobody had anything to do)."""
+        start = max(start, self.first_task_at or end)
         if end <= start:
             return None
         return overlap(self.spans_until(end), start, end) / (end - start)

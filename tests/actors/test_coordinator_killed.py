@@ -43,7 +43,8 @@ def test_killing_the_coordinator_mid_step_of_continuous_mode_then_resume_complet
     the run is consumed by exactly one step, and the run's report shows it as people saw it."""
     address = ray_session.get_runtime_context().gcs_address
     cfg = tiny_run_config(tmp_path, rounds=3, mode="continuous",
-                          continuous={"open_tasks": 4, "publish_batch": 4, "min_feedback_per_step": 8, "max_policy_lag": 0},
+                          continuous={"open_tasks": 4, "publish_batch": 4, "min_feedback_per_step": 8, "max_policy_lag": 0,
+                                      "min_steps": 5},
                           selection={"policy": "margin", "candidates": 3, "random_share": 0.25})
     data = json.loads(cfg.model_dump_json())
     data["cluster"]["address"] = address
@@ -69,14 +70,19 @@ def test_killing_the_coordinator_mid_step_of_continuous_mode_then_resume_complet
     resumed = subprocess.run(_hitl("run", "--resume", str(run_dir)), capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     steps = json.loads((run_dir / "report.json").read_text())["rounds"]
-    assert [r["round"] for r in steps] == list(range(len(steps))) and len(steps) >= 2
+    assert [r["round"] for r in steps] == list(range(len(steps))) and len(steps) == 5
+    # at most 3 steps of 8 judgements: the last steps train on with no new feedback (min_steps)
+    last = steps[-1]
+    assert last["watermark_from"] == last["watermark_to"] and last["feedback_to_policy_s"] is None
+    assert len(last["ppo"]) == 2 and last["reward_model"].get("skipped") == "no usable records"
     # the watermark ranges chain from the run's start: step k reads exactly (end of step k-1, its own end]
     start = json.loads((run_dir / "run.json").read_text())["start_watermark"]
     assert steps[0]["watermark_from"] == start
     for before, after in zip(steps, steps[1:]):
         assert after["watermark_from"] == before["watermark_to"]
     # the reward model holds each step's curated items once: the killed step's were not kept
-    assert steps[-1]["reward_model"]["pairs_total"] == sum(r["feedback"].get("used/preference", 0) for r in steps)
+    trained = [r for r in steps if "pairs_total" in r["reward_model"]]
+    assert trained[-1]["reward_model"]["pairs_total"] == sum(r["feedback"].get("used/preference", 0) for r in steps)
     from services.feedback.store import open_store
 
     store = open_store(cfg.feedback.service.store)
@@ -97,6 +103,9 @@ def test_killing_the_coordinator_mid_step_of_continuous_mode_then_resume_complet
     assert live["mode"] == "continuous" and live["task_budget"] == 24
     assert [r["live"]["elapsed_s"] for r in steps] == sorted(r["live"]["elapsed_s"] for r in steps)
     assert 0 < steps[0]["live"]["judgements"] < live["judgements"] <= len(records)
+    # idle time ends with the last judgement: the steps after it do not add to it
+    k = next(i for i, r in enumerate(steps) if r["watermark_to"] == last["watermark_to"])
+    assert {r["live"]["idle_fraction"] for r in steps[k:]} == {steps[k]["live"]["idle_fraction"]}
     assert live["judgements_per_min"] > 0 and set(live["annotator_idle"]) == {"a1", "a2"}
     assert live["served_version"] == steps[-1]["policy_version"]
     reasons = live["selection"]["by_reason"]

@@ -33,6 +33,31 @@ def test_local_config_is_the_embedded_default() -> None:
     assert cfg.reward.lora is not None and cfg.reward.lora.enabled
 
 
+def test_the_continuous_config_is_local_yaml_in_continuous_mode() -> None:
+    """bench/loop.py compares the two files as the two modes of one run: everything but how
+    the coordinator runs (and where it writes) is the same, the task budget included."""
+    from actors.config import RunConfig
+
+    rounds = load_config(ROOT / "configs" / "local.yaml", RunConfig)
+    continuous = load_config(ROOT / "configs" / "local-continuous.yaml", RunConfig)
+    assert (rounds.coordinator.mode, continuous.coordinator.mode) == ("rounds", "continuous")
+    assert continuous.coordinator.task_budget() == rounds.coordinator.rounds * rounds.coordinator.tasks_per_round
+    same = {"mode", "continuous", "selection", "run_dir"}
+    assert rounds.coordinator.model_dump(exclude=same) == continuous.coordinator.model_dump(exclude=same)
+    assert rounds.model_dump(exclude={"coordinator"}) == continuous.model_dump(exclude={"coordinator"})
+
+
+def test_a_step_threshold_the_budget_cannot_reach_is_named() -> None:
+    from actors.config import RunConfig
+    from rlhf.config import parse_config
+
+    data = {"coordinator": {"mode": "continuous", "rounds": 1, "tasks_per_round": 8, "continuous": {"min_feedback_per_step": 9}}}
+    with pytest.raises(ConfigError, match="coordinator.continuous.min_feedback_per_step"):
+        parse_config(data, RunConfig)
+    data["coordinator"]["continuous"]["task_budget"] = 9
+    assert parse_config(data, RunConfig).coordinator.task_budget() == 9
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(text)

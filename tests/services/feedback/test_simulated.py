@@ -164,14 +164,18 @@ def test_idle_time_is_the_time_with_no_task_to_take(server):
             if annotator.stats.judged == 4:
                 break
             time.sleep(0.05)
+        time.sleep(0.6)  # everything judged: idle again
+        ended = time.time()
     finally:
         stop.set()
         thread.join()
     assert annotator.stats.judged == 4
     first_span = annotator.idle_spans[0]
     assert first_span[0] == annotator.first_pull_at and published_at - 0.01 <= first_span[1] <= published_at + 0.5
-    before = annotator.idle_fraction(annotator.first_pull_at, published_at)
-    assert before > 0.9  # idle all the while nothing was there
-    assert annotator.idle_fraction(published_at + 0.5, published_at + 0.5) is None  # an empty window says nothing
+    assert first_span[1] == annotator.first_task_at
+    # idle from the first task on: the wait before anything was published is start-up, not idle
+    assert annotator.idle_fraction(annotator.first_pull_at, published_at) is None
+    share = annotator.idle_fraction(annotator.first_pull_at, ended)
+    assert 0.5 < share < 1.0  # labeling 4 tasks took a moment; then nothing to take for 0.6 s
     assert annotator.stats.idle_s >= 0.5 and annotator.stats.active_s >= annotator.stats.idle_s
     assert overlap([(0.0, 2.0), (3.0, 5.0)], 1.0, 4.0) == 2.0

@@ -74,7 +74,7 @@ def prepare(space_file: Path) -> dict:
     if problems:
         fail(f"{space_file}: the space does not fit {config_path}:\n  " + "\n  ".join(problems))
     state = {"space_file": str(space_file), "config_file": str(config_path), "spec": spec.model_dump(mode="json"), "base": base}
-    if spec.trial.kind == "replay":
+    if spec.trial.kind in ("replay", "replay_loop"):
         state["source"] = _snapshot(spec, cfg, space_file.parent)
     return state
 
@@ -160,6 +160,12 @@ def _trainable(spec, base: dict, source: dict | None):
         fn = tune.with_parameters(replay_trial, base=base, source=src, cpus=spec.trial.cpus)
         max_rounds = min(spec.trial.rounds, source["records"])
         concurrent = spec.search.max_concurrent
+    elif spec.trial.kind == "replay_loop":
+        src = ReplaySource(store=source["store"], project=source["project"], watermark=source["watermark"],
+                           rounds=min(spec.trial.rounds, source["records"]))
+        fn = tune.with_parameters(loop_trial, base=base, metric=spec.objective.metric, kl_budget=spec.objective.kl_budget, source=src)
+        max_rounds = src.rounds
+        concurrent = 1  # each trial's loop places its own actors and Serve applications on the cluster
     else:
         fn = tune.with_parameters(loop_trial, base=base, metric=spec.objective.metric, kl_budget=spec.objective.kl_budget)
         max_rounds = int((base.get("coordinator") or {}).get("rounds", 3))

@@ -83,19 +83,21 @@ class Objective(BaseModel):
 class TrialSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["replay", "loop"] = "replay"
-    """`replay`: the reward-model stage over stored feedback, round by round; `loop`: the
-    whole loop (`hitl run`) with the config's simulated annotators, one trial at a time."""
+    kind: Literal["replay", "replay_loop", "loop"] = "replay"
+    """`replay`: the reward-model stage over stored feedback, round by round; `replay_loop`:
+    the whole loop over stored feedback (reward model, SFT, policy update, evaluation; nobody
+    is asked again: actors/tune/replay.py); `loop`: the whole loop (`hitl run`) with the
+    config's simulated annotators. Loop trials run one at a time."""
     store: str | None = None
-    """`replay`: the store URL to replay (a relative SQLite path is taken from the space
+    """`replay`, `replay_loop`: the store URL to replay (a relative SQLite path is taken from the space
     file's folder); None: the run config's feedback store."""
     project: str | None = None
-    """`replay`: the project to replay; None: the run config's `feedback.project`."""
+    """`replay`, `replay_loop`: the project to replay; None: the run config's `feedback.project`."""
     rounds: int = Field(4, ge=1)
-    """`replay`: the snapshot is cut into this many rounds of equal size, in watermark
+    """`replay`, `replay_loop`: the snapshot is cut into this many rounds of equal size, in watermark
     order; each round updates the reward model and reports (ASHA's time unit)."""
     watermark: int | None = Field(None, ge=0)
-    """`replay`: the last record replayed; None: the store's last record when the search
+    """`replay`, `replay_loop`: the last record replayed; None: the store's last record when the search
     starts (written to OUT/tune.json, so a resumed search replays the same records)."""
     cpus: float = Field(1.0, gt=0)
     """CPUs a trial reserves (its torch threads); Tune runs as many at once as fit."""
@@ -167,5 +169,6 @@ class TuneSpec(BaseModel):
         if self.search.algorithm != "grid" and grid:
             raise ValueError(f"space.{grid[0]}: `grid` values need search.algorithm grid (use `choice`)")
         if self.trial.kind == "replay" and self.objective.metric != "reward_accuracy":
-            raise ValueError(f"objective.metric: {self.objective.metric} needs trial.kind loop (replay trains the reward model only)")
+            raise ValueError(f"objective.metric: {self.objective.metric} needs trial.kind replay_loop or loop "
+                             "(replay trains the reward model only)")
         return self

@@ -7,7 +7,8 @@ items join the earlier ones (less those a later flag reaches) and the reward mod
 as the reward-model actor updates it; the round's held-out accuracy is reported.
 
 `loop_trial`: `hitl run` with the trial's config in the trial's directory (its own SQLite
-store, simulated annotators), reporting after every round.
+store, simulated annotators), reporting after every round; with a `ReplaySource`, the whole
+loop over the frozen snapshot instead (actors/tune/replay.py: nobody is asked anything).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def rounds_of(records: list, rounds: int) -> list[list]:
     return parts
 
 
-def loop_trial(values: dict[str, Any], *, base: dict, metric: str, kl_budget: float | None) -> None:
+def loop_trial(values: dict[str, Any], *, base: dict, metric: str, kl_budget: float | None,
+               source: ReplaySource | None = None) -> None:
     import ray
     from ray import tune
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -84,9 +86,13 @@ def loop_trial(values: dict[str, Any], *, base: dict, metric: str, kl_budget: fl
     data = with_values(base, values)
     data.setdefault("coordinator", {}).update(run_dir=str(trial_dir / "run"), storage=None, progress=False)
     data.setdefault("feedback", {}).setdefault("service", {})["store"] = f"sqlite:///{trial_dir / 'feedback.db'}"
+    if source is not None:
+        from actors.tune.replay import replay_config
+
+        data = replay_config(data, source)
     # out of the trial's placement group: the loop places its own actors, as `hitl run` does
     runner = _loop_runner().options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote()
-    for ref in runner.rounds.remote(data):
+    for ref in runner.rounds.remote(data, source):
         round_report = ray.get(ref)
         tune.report({**objectives(round_report, kl_budget), "round": round_report["round"] + 1})
 
@@ -98,9 +104,9 @@ def _loop_runner():
 
     @ray.remote(num_cpus=0)
     class LoopRunner:
-        """Runs `hitl run`'s coordinator and yields each round's report as it ends."""
+        """Runs `hitl run`'s coordinator (or the replay of a snapshot) and yields each round's report as it ends."""
 
-        def rounds(self, data: dict):
+        def rounds(self, data: dict, source: ReplaySource | None = None):
             import queue
             import threading
             from dataclasses import asdict
@@ -115,7 +121,13 @@ def _loop_runner():
 
             def run() -> None:
                 try:
-                    Coordinator(cfg, run_dir=cfg.coordinator.run_dir, on_round=lambda r: reports.put(asdict(r))).run()
+                    put = lambda r: reports.put(asdict(r))  # noqa: E731
+                    if source is None:
+                        Coordinator(cfg, run_dir=cfg.coordinator.run_dir, on_round=put).run()
+                    else:
+                        from actors.tune.replay import ReplayCoordinator
+
+                        ReplayCoordinator(cfg, source, run_dir=cfg.coordinator.run_dir, on_round=put).run()
                 except BaseException as err:  # noqa: BLE001 - raised again in the caller below
                     failure.append(err)
                 finally:

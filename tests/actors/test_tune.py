@@ -185,3 +185,61 @@ def test_bayesian_and_grid_searches_run(ray_session, tmp_path, algorithm):
         assert sorted(rates) == [1e-3, 3e-3]
     else:
         assert len(set(rates)) == 3 and all(1e-4 <= r <= 1e-2 for r in rates)
+
+
+@pytest.mark.slow
+def test_replay_loop_trials_tune_the_policy_on_a_frozen_snapshot(ray_session, tmp_path):
+    """`replay_loop`: the whole loop over stored judgements (reward model, policy update,
+    evaluation) in each trial, asking nobody and leaving the snapshot as it was."""
+    from actors.tune.command import prepare, run_search
+    from services.feedback.store import open_store
+    from tests.actors.test_loop import tiny_run_config
+
+    url = _judged_store(tmp_path / "feedback.db")
+    base = json.loads(tiny_run_config(tmp_path / "base", rounds=2, ppo_iterations_per_round=1).model_dump_json())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"config": str(tmp_path / "base.yaml"), "objective": {"metric": "win_rate"},
+            "trial": {"kind": "replay_loop", "store": url, "project": "default", "rounds": 2},
+            "search": {"algorithm": "grid", "trials": 1, "max_concurrent": 1}, "scheduler": {"kind": "none"},
+            "space": {"ppo.policy_lr": {"grid": [1e-3]}}}  # one trial: what is tested is the trial, not the search
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = run_search(prepare(space_file), out, address=None, resume=False)
+    assert summary["trials"] == summary["complete"] == 1 and summary["errors"] == 0, summary
+    events = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    finals = [e["last"] for e in events if e["event"] == "complete"]
+    assert [f["round"] for f in finals] == [2] and 0.0 <= finals[0]["win_rate"] <= 1.0
+    reports = sorted(out.glob("search/*/run/report.json"))
+    assert len(reports) == 1
+    for path in reports:  # the trial's two rounds read the snapshot's two halves, every record once
+        rounds = json.loads(path.read_text())["rounds"]
+        assert [(r["watermark_from"], r["watermark_to"]) for r in rounds] == [(0, 24), (24, 48)]
+        assert all(r["feedback"].get("used/preference", 0) > 0 and r["policy_version"] == i + 1 for i, r in enumerate(rounds))
+        assert "publish" in rounds[0]["stage_seconds"] and rounds[-1]["ppo"]
+    store = open_store(url)
+    try:  # nobody was asked anything: no task published, no record added
+        assert store.task_count("default") == 48 and store.watermark() == 48 and not store.open_tasks("default")
+        assert store.task_count("loop") == 0
+    finally:
+        store.close()
+
+
+def test_a_replay_loop_trial_reads_the_snapshot_and_asks_nobody():
+    from actors.config import RunConfig
+    from actors.tune.replay import replay_config
+    from actors.tune.trials import ReplaySource
+
+    source = ReplaySource(store="sqlite:////data/people.db", project="people", watermark=90, rounds=3)
+    own = {**TINY, "feedback": {"project": "p", "service": {"store": "sqlite:///own.db", "port": 50051}},
+           "coordinator": {"rounds": 5, "mode": "continuous"}, "annotators": {"enabled": True}}
+    data = replay_config(own, source)
+    cfg = parse_config(data, RunConfig)
+    assert cfg.feedback.service.store == source.store and cfg.feedback.project == "people"
+    assert cfg.feedback.service.port == 0 and cfg.coordinator.rounds == 3 and cfg.coordinator.mode == "rounds"
+    assert not cfg.annotators.enabled
+    assert own["feedback"]["service"]["store"] == "sqlite:///own.db"  # the trial's own dict is not changed
+    # every objective fits a replay_loop trial (it runs the policy update and the evaluation)
+    for metric in ("win_rate", "reward_accuracy"):
+        parse_config({**_spec(), "objective": {"metric": metric}, "trial": {"kind": "replay_loop"}}, TuneSpec)

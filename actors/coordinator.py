@@ -650,7 +650,8 @@ class Coordinator:
             shown_at[0] = now
             judged = (state.live - state.open_tasks) * c.annotations_per_task
             minutes = max(self._elapsed(), 1.0) / 60.0
-            idle = [v for a in self._annotators if (v := a.idle_fraction(a.first_task_at or now, now)) is not None]
+            done = state.live >= self.feeder.budget and state.open_tasks == 0  # nothing left to label: not idle, done
+            idle = [] if done else [v for a in self._annotators if (v := a.idle_fraction(a.first_task_at or now, now)) is not None]
             self.progress.update(ready=state.ready, tasks=f"{state.live}/{self.feeder.budget}", served=f"v{self.state.policy_version}",
                                  judged_per_min=round(judged / minutes, 1), **({"idle": round(sum(idle) / len(idle), 3)} if idle else {}))
 

@@ -612,6 +612,7 @@ class Coordinator:
 
         sel, rc = self.cfg.coordinator.selection, self.cfg.reward
         scores: list | None = None
+        busy = False
         if sel.policy == "margin" and self.state.reward_model:
             flat_p = [p for p, texts in zip(prompts, answers) for _ in texts]
             flat_a = [t for texts in answers for t in texts]
@@ -622,11 +623,17 @@ class Coordinator:
                     scores.append(flat[k: k + len(texts)])
                     k += len(texts)
             except Exception as err:  # noqa: BLE001 - busy or lost: a random pair keeps the annotators going
+                busy = True
                 log.info("no reward-model scores for task selection (%s): random pairs", type(err).__name__)
         with self._selection_lock:
-            return [choose_pair(texts, scores[i] if scores else None, sel, self._selection_rng,
-                                held_out(_prompt_id(p), rc.validation_fraction, rc.split_seed))
-                    for i, (p, texts) in enumerate(zip(prompts, answers))]
+            choices = [choose_pair(texts, scores[i] if scores else None, sel, self._selection_rng,
+                                   held_out(_prompt_id(p), rc.validation_fraction, rc.split_seed))
+                       for i, (p, texts) in enumerate(zip(prompts, answers))]
+        if busy:  # say why: the model exists but did not answer within score_timeout_s
+            from dataclasses import replace
+
+            choices = [replace(c, how="random: reward model busy") if c.how == "random: no reward model yet" else c for c in choices]
+        return choices
 
     # -- continuous mode ----------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class PairChoice:
     """The two answers (indices into the prompt's samples) a task shows, and why."""
 
     pair: tuple[int, int]
-    how: str  # margin | random | random: held-out prompt | random: share | random: no reward model yet | random: one distinct answer
+    how: str  # margin | random | random: held-out prompt | random: share | random: no reward model yet | random: reward model busy | random: one distinct answer
     margin: float | None = None  # |score difference| of the pair, when scored
     mean_margin: float | None = None  # the mean over every distinct pair of the prompt's samples, when scored
 

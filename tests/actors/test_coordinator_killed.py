@@ -111,7 +111,7 @@ def test_killing_the_coordinator_mid_step_of_continuous_mode_then_resume_complet
     reasons = live["selection"]["by_reason"]
     assert sum(reasons.values()) == live["selection"]["tasks"] >= 24
     assert set(reasons) <= {"margin", "random: held-out prompt", "random: share", "random: no reward model yet",
-                            "random: one distinct answer"}
+                            "random: one distinct answer", "random: reward model busy"}
     assert reasons.get("random: no reward model yet", 0) > 0  # before the first update
     assert "feedback" in steps[0]["stage_seconds"] and "publish" not in steps[0]["stage_seconds"]
     assert (run_dir / "report.png").stat().st_size > 1000

@@ -39,8 +39,6 @@ class FeederState:
     open_tasks: int = 0
     live: int = 0  # the run's tasks that are not retired (open or judged): what counts against the budget
     retired: int = 0  # retired by this process
-    published: int = 0  # published by this process
-    oldest_open_version: int | None = None
     errors: int = 0
     last_error: str | None = None
 
@@ -98,14 +96,12 @@ class TaskFeeder:
         s = self.state
         s.open_tasks = len(open_)
         s.ready = sum(o.available for o in open_)
-        s.oldest_open_version = min((task_version(o.task) for o in open_), default=None)
         count = self.store.task_count(self.project, self.prefix, include_retired=False)
         s.live = count
         published = False
         if s.ready < self.cfg.open_tasks and count < self.budget:
             n = min(self.cfg.publish_batch, self.budget - count)
             made = self.publish(n, self.store.task_count(self.project, self.prefix))
-            s.published += made
             s.open_tasks, s.live, s.ready = s.open_tasks + made, s.live + made, s.ready + made * self.annotations
             published = True
         if self.on_tick is not None:
